@@ -1,0 +1,1 @@
+"""Expert replicas: SwiGLU expert math, the ExpertService gRPC server, the Serve deployment."""

@@ -1,0 +1,54 @@
+from moe.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Segment(_message.Message):
+    __slots__ = ("layer", "expert", "rows")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    rows: int
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("hidden", "segments")
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    hidden: _common_pb2.Tensor
+    segments: _containers.RepeatedCompositeFieldContainer[Segment]
+    def __init__(self, hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
+
+class ForwardReply(_message.Message):
+    __slots__ = ("output",)
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    output: _common_pb2.Tensor
+    def __init__(self, output: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InfoReply(_message.Message):
+    __slots__ = ("served", "hidden_size", "dtype", "device", "calls", "rows", "in_flight")
+    SERVED_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    served: _containers.RepeatedCompositeFieldContainer[_common_pb2.ExpertKey]
+    hidden_size: int
+    dtype: str
+    device: str
+    calls: int
+    rows: int
+    in_flight: int
+    def __init__(self, served: _Optional[_Iterable[_Union[_common_pb2.ExpertKey, _Mapping]]] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., calls: _Optional[int] = ..., rows: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,141 @@
+"""The `moe-serve` command line: the only place arguments are parsed."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+import numpy as np
+
+
+class UsageError(Exception):
+    """Bad arguments: printed as one line, exit status 2."""
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise UsageError(f"token ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise UsageError("token id list is empty")
+    return ids
+
+
+def cmd_init_model(a):
+    from moe_core.checkpoint import parse_size, random_weights, write_checkpoint
+    from moe_core.config import preset
+    from moe_core.tokenizer import write_tokenizer
+
+    cfg = preset(a.preset)
+    shard = parse_size(a.shard_size) if a.shard_size else None
+    write_checkpoint(a.out_dir, cfg, random_weights(cfg, seed=a.seed), shard_size=shard)
+    write_tokenizer(a.out_dir, cfg.vocab_size)
+    print(json.dumps({"model": a.out_dir, "preset": a.preset, "seed": a.seed}))
+
+
+def _params(a):
+    from router_service.sampling import SamplingParams
+    return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                          top_p=a.top_p, top_k=a.top_k, seed=a.seed)
+
+
+def _local_engine(a):
+    from router_service.engine import local_engine
+    if not a.model:
+        raise UsageError("--local needs --model DIR")
+    return local_engine(a.model)
+
+
+def cmd_generate(a):
+    if a.local:
+        engine = _local_engine(a)
+        prompt = _prompt_ids(a, engine.cfg.vocab_size)
+        tokens, reason = asyncio.run(engine.complete(prompt, _params(a)))
+        out = {"token_ids": tokens, "finish_reason": reason}
+        if a.prompt is not None:
+            out["text"] = _tokenizer(a).decode(tokens)
+    else:
+        from router_service.client import generate
+        out = generate(a.address, prompt_ids=_ids(a.prompt_ids) if a.prompt_ids else None,
+                       prompt=a.prompt, params=_params(a), stream=a.stream, timeout=a.timeout)
+    print(json.dumps(out))
+
+
+def _tokenizer(a):
+    from moe_core.tokenizer import load_tokenizer
+    tok = load_tokenizer(a.model)
+    if tok is None:
+        raise UsageError(f"{a.model} has no tokenizer.json; pass --prompt-ids instead")
+    return tok
+
+
+def _prompt_ids(a, vocab: int) -> list[int]:
+    if (a.prompt_ids is None) == (a.prompt is None):
+        raise UsageError("give exactly one of --prompt-ids and --prompt")
+    ids = _ids(a.prompt_ids) if a.prompt_ids is not None else _tokenizer(a).encode(a.prompt).ids
+    return ids
+
+
+def cmd_score(a):
+    ids = _ids(a.token_ids)
+    if a.local:
+        engine = _local_engine(a)
+        logits = asyncio.run(engine.score(ids)).numpy()
+    else:
+        from router_service.client import score
+        logits = score(a.address, ids, timeout=a.timeout)
+    np.save(a.out, logits.astype(np.float32))
+    print(json.dumps({"out": a.out, "shape": list(logits.shape)}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-serve", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("init-model", help="write a seeded random Mixtral checkpoint with a tokenizer")
+    s.add_argument("out_dir")
+    s.add_argument("--preset", default="tiny", choices=["tiny", "bench"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shard-size", help="write shards of at most this size, e.g. 500MB")
+    s.set_defaults(fn=cmd_init_model)
+
+    def target(s):
+        s.add_argument("--model", help="model directory (needed with --local, and for --prompt text)")
+        s.add_argument("--local", action="store_true", help="run in this process instead of calling the gateway")
+        s.add_argument("--address", default="127.0.0.1:9000", help="gateway HOST:PORT")
+        s.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+
+    s = sub.add_parser("generate", help="generate tokens")
+    target(s)
+    s.add_argument("--prompt-ids")
+    s.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    s.add_argument("--max-new-tokens", type=int, default=16)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--stream", action="store_true", help="print each chunk as it arrives")
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("score", help="write float32 logits [T, vocab] of a token sequence to .npy")
+    target(s)
+    s.add_argument("--token-ids", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_score)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        a.fn(a)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"moe-serve {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The engine: continuous batching over the model.
+
+Every step runs the new tokens of all running sequences as one flattened batch: prompts of
+requests that just joined (prefill) beside one token of each decoding request. A request joins
+at the next step and leaves as soon as it finishes, so its output does not depend on its
+neighbours. Expert calls go through the dispatcher given, so the same engine runs in-process
+(tests, `--local`) and in the router deployment (gRPC to expert replicas).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from moe_core.config import MoEConfig
+from router_service import model
+from router_service.sampling import SamplingParams, sample
+
+
+class Overloaded(RuntimeError):
+    """More requests than the engine admits; the caller should answer RESOURCE_EXHAUSTED."""
+
+
+class RouteStats:
+    """Tokens routed to each (layer, expert) since start."""
+
+    def __init__(self, cfg: MoEConfig):
+        self.counts = np.zeros((cfg.n_layers, cfg.n_experts), dtype=np.int64)
+        self.tokens = 0
+
+    def record(self, layer: int, counts_E: list[int]) -> None:
+        self.counts[layer] += counts_E
+
+
+@dataclass
+class _Sequence:
+    tokens: list[int]                   # prompt, then generated
+    params: SamplingParams | None       # None: score (all-position logits, no generation)
+    out: asyncio.Queue
+    cache: model.KVCache
+    prompt_len: int
+    generator: torch.Generator | None = None
+    n_new: int = 0
+    done: bool = False
+    id: int = field(default_factory=itertools.count().__next__)
+
+
+class Engine:
+    def __init__(self, cfg: MoEConfig, weights: model.DenseWeights, dispatcher, *,
+                 max_running: int = 64, max_queued: int = 256, max_step_tokens: int = 8192):
+        self.cfg, self.weights, self.dispatcher = cfg, weights, dispatcher
+        self.max_running, self.max_queued, self.max_step_tokens = max_running, max_queued, max_step_tokens
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []
+        self.stats = RouteStats(cfg)
+        self.finished = 0
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+
+    # -- public API ------------------------------------------------------------------
+
+    async def generate(self, prompt: list[int], params: SamplingParams):
+        """Yields (token_id, finish_reason or None) one step at a time."""
+        seq = self._submit(prompt, params, capacity=len(prompt) + params.max_new_tokens)
+        try:
+            while True:
+                item = await seq.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item[1] is not None:
+                    return
+        finally:
+            seq.done = True  # a consumer that stops early (cancelled stream) frees its slot
+
+    async def complete(self, prompt: list[int], params: SamplingParams) -> tuple[list[int], str]:
+        tokens, reason = [], None
+        async for tok, reason in self.generate(prompt, params):
+            tokens.append(tok)
+        return tokens, reason
+
+    async def score(self, tokens: list[int]) -> torch.Tensor:
+        """float32 logits [T, V] for every position of `tokens`."""
+        seq = self._submit(tokens, None, capacity=len(tokens))
+        try:
+            item = await seq.out.get()
+        finally:
+            seq.done = True
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def check_prompt(self, prompt: list[int], max_new_tokens: int = 0) -> None:
+        if not prompt:
+            raise ValueError("prompt is empty")
+        bad = next((t for t in prompt if not 0 <= t < self.cfg.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is out of range [0, {self.cfg.vocab_size})")
+        room = self.cfg.max_position_embeddings
+        if len(prompt) + max_new_tokens > room:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+                             f"exceeds the context of {room} tokens")
+
+    # -- scheduling ------------------------------------------------------------------
+
+    def _submit(self, prompt, params, capacity) -> _Sequence:
+        self.check_prompt(prompt, params.max_new_tokens if params else 0)
+        if len(self.waiting) >= self.max_queued:
+            raise Overloaded(f"{len(self.waiting)} requests already queued (limit {self.max_queued})")
+        seq = _Sequence(list(prompt), params, asyncio.Queue(), model.KVCache(self.cfg, capacity), len(prompt),
+                        params.generator() if params else None)
+        self.waiting.append(seq)
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+        self._wake.set()
+        return seq
+
+    @property
+    def load(self) -> dict:
+        return {"running": len(self.running), "queued": len(self.waiting)}
+
+    async def _loop(self):
+        while True:
+            self.running = [s for s in self.running if not s.done]
+            self._admit()
+            if not self.running:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = list(self.running)
+            try:
+                await self._step(batch)
+            except Exception as e:  # the step's sequences fail together; others carry on
+                for s in batch:
+                    if not s.done:
+                        s.done = True
+                        s.out.put_nowait(e)
+
+    def _admit(self):
+        budget = self.max_step_tokens - len(self.running)
+        while self.waiting and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            if seq.done:
+                self.waiting.popleft()
+                continue
+            if len(seq.tokens) > budget and self.running:
+                break  # a long prompt waits for a quieter step rather than stall everyone
+            budget -= len(seq.tokens)
+            self.running.append(self.waiting.popleft())
+
+    async def _step(self, batch: list[_Sequence]):
+        segments, tokens = [], []
+        for s in batch:
+            start = s.cache.length
+            new = s.tokens[start:]
+            segments.append(model.Segment(s.cache, start, len(new)))
+            tokens += new
+        h_TH = await model.forward(self.cfg, self.weights, torch.tensor(tokens), segments,
+                                   self.dispatcher, on_route=self.stats.record)
+        self.stats.tokens += len(tokens)
+        last = list(itertools.accumulate(seg.length for seg in segments))
+        for s, seg, end in zip(batch, segments, last):
+            if s.done:
+                continue
+            if s.params is None:
+                s.out.put_nowait(model.logits(self.weights, h_TH[end - seg.length:end]).float())
+                self._finish(s)
+                continue
+            tok = sample(model.logits(self.weights, h_TH[end - 1]), s.params, s.generator)
+            s.tokens.append(tok)
+            s.n_new += 1
+            reason = None
+            if tok == self.cfg.eos_token_id:
+                reason = "stop"
+            elif s.n_new >= s.params.max_new_tokens or len(s.tokens) >= self.cfg.max_position_embeddings:
+                reason = "length"
+            s.out.put_nowait((tok, reason))
+            if reason:
+                self._finish(s)
+
+    def _finish(self, s: _Sequence):
+        s.done = True
+        self.finished += 1
+
+
+def local_engine(model_dir, **limits) -> Engine:
+    """Everything in this process: dense weights, every expert, the in-process dispatcher."""
+    from expert_service.experts import ExpertShard
+    from moe_core.checkpoint import Checkpoint, all_pairs
+    from router_service.dispatch import InProcessDispatcher
+
+    ckpt = Checkpoint(model_dir)
+    shard = ExpertShard.load(ckpt, all_pairs(ckpt.config))
+    return Engine(ckpt.config, model.DenseWeights.load(ckpt), InProcessDispatcher(shard), **limits)
