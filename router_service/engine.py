@@ -114,7 +114,8 @@ class Engine:
         seq = _Sequence(list(prompt), params, asyncio.Queue(), model.KVCache(self.cfg, capacity), len(prompt),
                         params.generator() if params else None)
         self.waiting.append(seq)
-        if self._loop_task is None or self._loop_task.done():
+        if self._loop_task is None or self._loop_task.done():  # first use, or a new event loop
+            self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._loop())
         self._wake.set()
         return seq

@@ -1,0 +1,74 @@
+"""`python -m expert_service`: one ExpertService replica without Ray, for development and benchmarks.
+
+Prints one JSON line with the bound address once it serves; stops gracefully on SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _ids(text: str, n: int, what: str) -> list[int]:
+    if text == "all":
+        return list(range(n))
+    try:
+        ids = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise ValueError(f"--{what} must be 'all' or comma-separated integers, got {text!r}") from None
+    bad = [i for i in ids if not 0 <= i < n]
+    if not ids or bad:
+        raise ValueError(f"--{what} {text!r}: the model has {what} 0..{n - 1}")
+    return ids
+
+
+async def serve(a) -> None:
+    from expert_service.experts import ExpertShard
+    from expert_service.server import ExpertServicer, start_server
+    from moe_core.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(a.model)
+    cfg = ckpt.config
+    pairs = [(L, E) for L in _ids(a.layers, cfg.n_layers, "layers") for E in _ids(a.experts, cfg.n_experts, "experts")]
+    shard = ExpertShard.load(ckpt, pairs, device=a.device, dtype=DTYPES[a.dtype])
+    servicer = ExpertServicer(shard, max_message_bytes=a.max_message_mb << 20)
+    server, port = await start_server(servicer, host=a.host, port=a.port, max_message_bytes=a.max_message_mb << 20)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(json.dumps({"host": a.host, "port": port, "pairs": len(pairs), "device": a.device, "dtype": a.dtype}),
+          flush=True)
+    await stop.wait()
+    await server.stop(a.grace)  # refuses new calls, lets in-flight ones finish for up to `grace` s
+    servicer.close()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m expert_service", description=__doc__)
+    p.add_argument("--model", required=True, help="Hugging Face Mixtral model directory")
+    p.add_argument("--experts", default="all", help="expert ids to serve, e.g. 0,1 (default all)")
+    p.add_argument("--layers", default="all", help="layer ids to serve, e.g. 0,1 (default all)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype")
+    p.add_argument("--max-message-mb", type=int, default=256)
+    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on shutdown")
+    a = p.parse_args(argv)
+    try:
+        asyncio.run(serve(a))
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        print(f"expert_service: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The tensor wire codec: torch.Tensor <-> moe.v1.Tensor (dtype tag, shape, raw little-endian
+row-major bytes), with every check on the receiving side done before anything is allocated.
+
+No pickle, no torch.save: a receiver trusts nothing but the dtype allow-list and the limits.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import torch
+
+from moe.v1 import common_pb2
+
+# Wire tag -> torch dtype. bfloat16 has no numpy dtype, so it travels as raw 2-byte words.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+TAGS = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = frozenset({"float32", "bfloat16", "float16"})
+# Same-size integer views, so numpy can produce the bytes of any dtype (bf16 included).
+_WORD = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+MAX_ELEMENTS = 1 << 28  # 1 GiB of float32: far above one layer step, far below a bad header's claim
+MAX_RANK = 8
+
+if sys.byteorder != "little":  # raw views below assume host order == wire order
+    raise ImportError("moe_core.codec needs a little-endian host")
+
+
+class WireError(ValueError):
+    """A tensor message that must be rejected; the message names the field and the problem."""
+
+
+def encode(t: torch.Tensor, dtype: str | None = None) -> common_pb2.Tensor:
+    """One copy into bytes (numpy's tobytes also makes non-contiguous views row-major)."""
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise WireError(f"cannot encode as dtype {dtype!r}; wire dtypes are {', '.join(DTYPES)}")
+        t = t.to(DTYPES[dtype])
+    if t.dtype not in TAGS:
+        raise WireError(f"tensor dtype {t.dtype} has no wire form; wire dtypes are {', '.join(DTYPES)}")
+    arr = t.detach().cpu().view(_WORD[t.element_size()]).numpy()
+    return common_pb2.Tensor(dtype=TAGS[t.dtype], shape=t.shape, data=arr.tobytes())
+
+
+def decode(msg: common_pb2.Tensor, *, allowed_dtypes=FLOAT_DTYPES, max_elements: int = MAX_ELEMENTS,
+           max_rank: int = MAX_RANK, expect_rank: int | None = None,
+           expect_last_dim: int | None = None, name: str = "tensor") -> torch.Tensor:
+    """Validates the header against the limits, then views the payload without copying it.
+
+    The result aliases a bytes object that only it references (protobuf hands out a fresh copy
+    on every `.data` access), so in-place writes are harmless; `.clone()` to be explicit.
+    """
+    if msg.dtype not in DTYPES or msg.dtype not in allowed_dtypes:
+        raise WireError(f"{name}: dtype {msg.dtype!r} is not accepted here; "
+                        f"allowed: {', '.join(sorted(allowed_dtypes))}")
+    shape = list(msg.shape)
+    if len(shape) > max_rank:
+        raise WireError(f"{name}: rank {len(shape)} exceeds the limit of {max_rank}")
+    if expect_rank is not None and len(shape) != expect_rank:
+        raise WireError(f"{name}: expected rank {expect_rank}, got shape {shape}")
+    if any(d < 0 for d in shape):
+        raise WireError(f"{name}: shape {shape} has a negative dimension")
+    numel = math.prod(shape)  # Python ints: a hostile header cannot overflow this
+    if numel > max_elements:
+        raise WireError(f"{name}: shape {shape} declares {numel} elements, limit is {max_elements}")
+    if expect_last_dim is not None and (not shape or shape[-1] != expect_last_dim):
+        raise WireError(f"{name}: last dimension must be {expect_last_dim}, got shape {shape}")
+    dtype = DTYPES[msg.dtype]
+    itemsize = dtype.itemsize
+    data = msg.data
+    if len(data) != numel * itemsize:
+        raise WireError(f"{name}: {len(data)} data bytes do not match shape {shape} x {msg.dtype} "
+                        f"({numel * itemsize} bytes expected)")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)  # frombuffer refuses empty buffers
+    return _frombuffer(data, _WORD[itemsize]).view(dtype).view(shape)
+
+
+_quiet = False
+
+
+def _frombuffer(data: bytes, word: torch.dtype) -> torch.Tensor:
+    # torch warns once per process that `bytes` is not writable. Swallow that one warning on
+    # our first call; catching warnings on every call would cost more than the view itself
+    # (and copying into a bytearray costs a memcpy of the whole payload).
+    global _quiet
+    if _quiet:
+        return torch.frombuffer(data, dtype=word)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.frombuffer(data, dtype=word)
+    _quiet = True
+    return t
+
+
+def check_finite(t: torch.Tensor, name: str = "tensor") -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise WireError(f"{name}: {bad} of {t.numel()} values are NaN or infinite")
