@@ -10,9 +10,7 @@ import json
 import signal
 import sys
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _ids(text: str, n: int, what: str) -> list[int]:
@@ -29,14 +27,25 @@ def _ids(text: str, n: int, what: str) -> list[int]:
 
 
 async def serve(a) -> None:
+    from moe_core.config import MoEConfig
+
+    # Bad ids fail here, before torch is imported (seconds on a small machine).
+    cfg = MoEConfig.from_dir(a.model)
+    pairs = [(L, E) for L in _ids(a.layers, cfg.n_layers, "layers") for E in _ids(a.experts, cfg.n_experts, "experts")]
+
+    import torch
+
     from expert_service.experts import ExpertShard
     from expert_service.server import ExpertServicer, start_server
     from moe_core.checkpoint import Checkpoint
 
-    ckpt = Checkpoint(a.model)
-    cfg = ckpt.config
-    pairs = [(L, E) for L in _ids(a.layers, cfg.n_layers, "layers") for E in _ids(a.experts, cfg.n_experts, "experts")]
-    shard = ExpertShard.load(ckpt, pairs, device=a.device, dtype=DTYPES[a.dtype])
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        raise ValueError(f"--device {a.device!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {a.device}: torch sees no CUDA device here")
+    shard = ExpertShard.load(Checkpoint(a.model), pairs, device=device, dtype=getattr(torch, a.dtype))
     servicer = ExpertServicer(shard, max_message_bytes=a.max_message_mb << 20)
     server, port = await start_server(servicer, host=a.host, port=a.port, max_message_bytes=a.max_message_mb << 20)
     stop = asyncio.Event()
@@ -58,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
     p.add_argument("--max-message-mb", type=int, default=256)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on shutdown")
     a = p.parse_args(argv)

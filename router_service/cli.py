@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 
+import grpc
 import numpy as np
 
 
@@ -90,6 +91,33 @@ def cmd_score(a):
     print(json.dumps({"out": a.out, "shape": list(logits.shape)}))
 
 
+def cmd_up(a):
+    from router_service.launcher import up
+    print(json.dumps(up(model=a.model, port=a.port, config=a.config, num_cpus=a.num_cpus, num_gpus=a.num_gpus,
+                        wait_s=a.wait)))
+
+
+def cmd_down(a):
+    from router_service.launcher import down
+    print(json.dumps(down()))
+
+
+def cmd_stats(a):
+    from router_service.client import stats
+    r = stats(a.address, timeout=a.timeout)
+    out = {
+        "top_k": r.top_k, "tokens_processed": r.tokens_processed, "requests_finished": r.requests_finished,
+        "requests_running": r.requests_running, "requests_queued": r.requests_queued,
+        "tokens_per_expert": [list(layer.tokens_per_expert) for layer in r.layers],
+        "replicas": {d.name: d.replicas for d in r.deployments},
+    }
+    if a.plot:
+        from router_service.plots import heatmap
+        heatmap(out, a.plot)
+        out["plot"] = a.plot
+    print(json.dumps(out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-serve", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -124,6 +152,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-ids", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_score)
+
+    s = sub.add_parser("up", help="start a local Ray cluster (or join RAY_ADDRESS) and deploy the gateway")
+    s.add_argument("--model", help="model directory (default: the one in --config)")
+    s.add_argument("--port", type=int, default=9000, help="gateway gRPC port")
+    s.add_argument("--config", help="Serve config YAML (default: cluster/serve.yaml)")
+    s.add_argument("--num-cpus", type=int, help="logical CPUs of the local cluster")
+    s.add_argument("--num-gpus", type=int, help="GPUs the local cluster declares")
+    s.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the health check")
+    s.set_defaults(fn=cmd_up)
+
+    s = sub.add_parser("down", help="remove the app and stop the local cluster `up` started")
+    s.set_defaults(fn=cmd_down)
+
+    s = sub.add_parser("stats", help="tokens routed per layer and expert, replicas per expert deployment")
+    s.add_argument("--address", default="127.0.0.1:9000")
+    s.add_argument("--timeout", type=float, default=30.0)
+    s.add_argument("--plot", help="write a layer x expert heatmap PNG here")
+    s.set_defaults(fn=cmd_stats)
     return p
 
 
@@ -131,9 +177,12 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         a.fn(a)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except (UsageError, ValueError, FileNotFoundError, TimeoutError) as e:
         print(f"moe-serve {a.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except grpc.RpcError as e:
+        print(f"moe-serve {a.cmd}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
     return 0
 
 

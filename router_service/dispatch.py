@@ -10,9 +10,15 @@ the remote ones (gRPC in `grpc_dispatch`, Serve handles in `handle_dispatch`).
 """
 from __future__ import annotations
 
+import contextvars
+
 import torch
 
 from expert_service.experts import ExpertShard
+
+
+# time.monotonic() by which the current engine step must finish; remote calls get what is left.
+STEP_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("step_deadline", default=None)
 
 
 class InProcessDispatcher:

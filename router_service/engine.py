@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import torch
 
 from moe_core.config import MoEConfig
 from router_service import model
+from router_service.dispatch import STEP_DEADLINE
 from router_service.sampling import SamplingParams, sample
 
 
@@ -44,6 +46,7 @@ class _Sequence:
     cache: model.KVCache
     prompt_len: int
     generator: torch.Generator | None = None
+    deadline: float | None = None       # time.monotonic() by which the caller gives up
     n_new: int = 0
     done: bool = False
     id: int = field(default_factory=itertools.count().__next__)
@@ -63,9 +66,9 @@ class Engine:
 
     # -- public API ------------------------------------------------------------------
 
-    async def generate(self, prompt: list[int], params: SamplingParams):
+    async def generate(self, prompt: list[int], params: SamplingParams, deadline: float | None = None):
         """Yields (token_id, finish_reason or None) one step at a time."""
-        seq = self._submit(prompt, params, capacity=len(prompt) + params.max_new_tokens)
+        seq = self._submit(prompt, params, len(prompt) + params.max_new_tokens, deadline)
         try:
             while True:
                 item = await seq.out.get()
@@ -77,15 +80,16 @@ class Engine:
         finally:
             seq.done = True  # a consumer that stops early (cancelled stream) frees its slot
 
-    async def complete(self, prompt: list[int], params: SamplingParams) -> tuple[list[int], str]:
+    async def complete(self, prompt: list[int], params: SamplingParams,
+                       deadline: float | None = None) -> tuple[list[int], str]:
         tokens, reason = [], None
-        async for tok, reason in self.generate(prompt, params):
+        async for tok, reason in self.generate(prompt, params, deadline):
             tokens.append(tok)
         return tokens, reason
 
-    async def score(self, tokens: list[int]) -> torch.Tensor:
+    async def score(self, tokens: list[int], deadline: float | None = None) -> torch.Tensor:
         """float32 logits [T, V] for every position of `tokens`."""
-        seq = self._submit(tokens, None, capacity=len(tokens))
+        seq = self._submit(tokens, None, len(tokens), deadline)
         try:
             item = await seq.out.get()
         finally:
@@ -107,12 +111,12 @@ class Engine:
 
     # -- scheduling ------------------------------------------------------------------
 
-    def _submit(self, prompt, params, capacity) -> _Sequence:
+    def _submit(self, prompt, params, capacity, deadline) -> _Sequence:
         self.check_prompt(prompt, params.max_new_tokens if params else 0)
         if len(self.waiting) >= self.max_queued:
             raise Overloaded(f"{len(self.waiting)} requests already queued (limit {self.max_queued})")
         seq = _Sequence(list(prompt), params, asyncio.Queue(), model.KVCache(self.cfg, capacity), len(prompt),
-                        params.generator() if params else None)
+                        params.generator() if params else None, deadline)
         self.waiting.append(seq)
         if self._loop_task is None or self._loop_task.done():  # first use, or a new event loop
             self._wake = asyncio.Event()
@@ -126,6 +130,7 @@ class Engine:
 
     async def _loop(self):
         while True:
+            self._expire()
             self.running = [s for s in self.running if not s.done]
             self._admit()
             if not self.running:
@@ -133,6 +138,9 @@ class Engine:
                 await self._wake.wait()
                 continue
             batch = list(self.running)
+            deadlines = [s.deadline for s in batch]
+            # The step serves everyone in it, so it may run until the latest deadline among them.
+            token = STEP_DEADLINE.set(None if None in deadlines else max(deadlines))
             try:
                 await self._step(batch)
             except Exception as e:  # the step's sequences fail together; others carry on
@@ -140,6 +148,15 @@ class Engine:
                     if not s.done:
                         s.done = True
                         s.out.put_nowait(e)
+            finally:
+                STEP_DEADLINE.reset(token)
+
+    def _expire(self):
+        now = time.monotonic()
+        for s in itertools.chain(self.running, self.waiting):
+            if not s.done and s.deadline is not None and now > s.deadline:
+                s.done = True
+                s.out.put_nowait(TimeoutError("deadline exceeded"))
 
     def _admit(self):
         budget = self.max_step_tokens - len(self.running)

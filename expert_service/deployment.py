@@ -1,0 +1,87 @@
+"""The expert replica as a Ray Serve deployment: load one shard, serve ExpertService on this
+node's address, register in the directory, report load to Serve's autoscaler.
+
+One deployment per shard; `shard_plan` names them. Placement (`num_gpus`) comes from the
+deployment's `ray_actor_options`, so Ray sets CUDA_VISIBLE_DEVICES and this code just uses cuda.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import ray
+import torch
+from ray import serve
+
+from expert_service.directory import DEFAULT_NAME, HEARTBEAT_S, get_directory
+from expert_service.experts import ExpertShard
+from expert_service.server import ExpertServicer, start_server
+from moe_core.checkpoint import Checkpoint
+from moe_core.config import MoEConfig
+
+log = logging.getLogger("ray.serve")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def shard_plan(cfg: MoEConfig, layers_per_shard: int | None = None) -> dict[str, list[tuple[int, int]]]:
+    """Deployment name -> (layer, expert) pairs. Default: expert e across all layers ("expert-e")."""
+    if not layers_per_shard or layers_per_shard >= cfg.n_layers:
+        return {f"expert-{e}": [(L, e) for L in range(cfg.n_layers)] for e in range(cfg.n_experts)}
+    plan = {}
+    for e in range(cfg.n_experts):
+        for a in range(0, cfg.n_layers, layers_per_shard):
+            b = min(a + layers_per_shard, cfg.n_layers)
+            plan[f"expert-{e}-layers-{a}-{b - 1}"] = [(L, e) for L in range(a, b)]
+    return plan
+
+
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=2, graceful_shutdown_timeout_s=20)
+class ExpertReplica:
+    async def __init__(self, model: str, shard: str, pairs: list, directory: str = DEFAULT_NAME,
+                   dtype: str = "float32", drain_s: float = 2.5):
+        self.shard_name, self.drain_s = shard, drain_s
+        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        weights = ExpertShard.load(Checkpoint(model), [tuple(p) for p in pairs], device=device, dtype=DTYPES[dtype])
+        self.servicer = ExpertServicer(weights)
+        # The data plane listens on this node's own address only, never on all interfaces.
+        self.host = ray.util.get_node_ip_address()
+        self.server, port = await start_server(self.servicer, host=self.host)
+        self.address = f"{self.host}:{port}"
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.directory = get_directory(directory)
+        await self.directory.register.remote(shard, self.replica_id, self.address)
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+        log.info("expert shard %s serving %d pairs at %s on %s (CUDA_VISIBLE_DEVICES=%s)", shard, len(pairs),
+                 self.address, device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+    async def _beat(self):
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self.directory.register.remote(self.shard_name, self.replica_id, self.address)
+            except Exception as e:  # the directory restarts on its own; keep beating
+                log.warning("heartbeat to the expert directory failed: %s", e)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return {"calls_in_flight": float(self.servicer.in_flight)}
+
+    def info(self) -> dict:
+        return {"shard": self.shard_name, "address": self.address,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "calls": self.servicer.calls}
+
+    async def forward(self, x_TH: torch.Tensor, segments: list) -> torch.Tensor:
+        """The Ray-native path (Serve handle, Ray's own serialization) for the baseline benchmark."""
+        return self.servicer.shard.forward(x_TH, [tuple(s) for s in segments])
+
+    async def __del__(self):
+        """Scale-down drain: leave the directory, let routers notice, finish in-flight calls, stop."""
+        self._heartbeat.cancel()
+        try:
+            await self.directory.deregister.remote(self.shard_name, self.replica_id)
+        except Exception:
+            pass
+        await asyncio.sleep(self.drain_s)
+        await self.server.stop(grace=10)

@@ -1,0 +1,29 @@
+"""The Serve application: expert deployments, the router, the gateway, composed with .bind().
+
+`cluster/serve.yaml` points at `router_service.app:build_app`; its `deployments:` section edits
+any one of them by name (autoscaling, num_gpus) without touching code.
+"""
+from __future__ import annotations
+
+from ray import serve
+
+from expert_service.deployment import ExpertReplica, shard_plan
+from expert_service.directory import DEFAULT_NAME
+from moe_core.config import MoEConfig
+from router_service.gateway import Gateway
+from router_service.router import Router
+
+
+def build_app(args: dict) -> serve.Application:
+    """args: model (dir, required), layers_per_shard, expert_dtype, directory, max_running,
+    max_queued, expert_timeout_s, request_timeout_s, wire_dtype."""
+    model = args["model"]
+    cfg = MoEConfig.from_dir(model)
+    directory = args.get("directory", DEFAULT_NAME)
+    shards = shard_plan(cfg, args.get("layers_per_shard"))
+    experts = [ExpertReplica.options(name=name).bind(model, name, pairs, directory, args.get("expert_dtype", "float32"))
+               for name, pairs in shards.items()]
+    router = Router.bind(model, shards, directory, experts=experts,
+                         max_running=args.get("max_running", 64), max_queued=args.get("max_queued", 256),
+                         expert_timeout_s=args.get("expert_timeout_s", 30.0), wire_dtype=args.get("wire_dtype"))
+    return Gateway.bind(router, model, args.get("request_timeout_s", 300.0))

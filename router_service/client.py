@@ -1,0 +1,61 @@
+"""A small client for the gateway: what the CLI's remote commands and the tests call."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from moe.v1 import gateway_pb2, gateway_pb2_grpc
+from moe_core.codec import decode
+
+MAX_MESSAGE_BYTES = 512 << 20  # Score replies are [T, vocab] float32: 64 MB at 512 x 32000
+OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+           ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=OPTIONS)
+
+
+def request(prompt_ids=None, prompt=None, params=None) -> gateway_pb2.GenerateRequest:
+    sp = gateway_pb2.SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                                    top_p=params.top_p, top_k=params.top_k)
+    if params.seed is not None:
+        sp.seed = params.seed
+    return gateway_pb2.GenerateRequest(prompt_token_ids=prompt_ids or [], prompt=prompt or "", sampling=sp)
+
+
+def generate(address, *, prompt_ids=None, prompt=None, params, stream=False, timeout=120.0) -> dict:
+    with channel(address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        req = request(prompt_ids, prompt, params)
+        if not stream:
+            r = stub.Complete(req, timeout=timeout)
+            return {"token_ids": list(r.token_ids), "finish_reason": r.finish_reason, "text": r.text}
+        tokens, text, reason = [], "", ""
+        for chunk in stub.Generate(req, timeout=timeout):
+            tokens += chunk.token_ids
+            text += chunk.text
+            reason = chunk.finish_reason or reason
+            print(f"{list(chunk.token_ids)} {chunk.text!r}", flush=True)
+        return {"token_ids": tokens, "finish_reason": reason, "text": text}
+
+
+def score(address, token_ids, *, timeout=120.0) -> np.ndarray:
+    with channel(address) as ch:
+        r = gateway_pb2_grpc.GatewayStub(ch).Score(gateway_pb2.ScoreRequest(token_ids=token_ids), timeout=timeout)
+    return decode(r.logits, allowed_dtypes=("float32",), max_elements=MAX_MESSAGE_BYTES // 4).numpy()
+
+
+def stats(address, *, timeout=30.0) -> gateway_pb2.StatsReply:
+    with channel(address) as ch:
+        return gateway_pb2_grpc.GatewayStub(ch).Stats(gateway_pb2.StatsRequest(), timeout=timeout)
+
+
+def healthy(address, *, timeout=5.0) -> bool:
+    try:
+        with channel(address) as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        return r.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False

@@ -1,0 +1,72 @@
+"""The router deployment: one engine (continuous batching, KV caches, gates) whose expert calls
+go over gRPC to the expert replicas registered in the directory."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from ray import serve
+
+from expert_service.directory import DEFAULT_NAME, get_directory
+from moe_core.checkpoint import Checkpoint
+from router_service import model
+from router_service.engine import Engine
+from router_service.grpc_dispatch import GrpcDispatcher
+from router_service.sampling import SamplingParams
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(max_ongoing_requests=1024, health_check_period_s=2)
+class Router:
+    def __init__(self, model_dir: str, shards: dict[str, list], directory: str = DEFAULT_NAME, *,
+                 experts: list | None = None, max_running: int = 64, max_queued: int = 256, expert_timeout_s: float = 30.0,
+                 wire_dtype: str | None = None):
+        ckpt = Checkpoint(model_dir)
+        self.cfg = ckpt.config
+        self.shards = shards
+        # Handles to the expert deployments: binding them is what makes Serve deploy them; the
+        # Serve-handle dispatcher (the Ray-native baseline) calls through them.
+        self.expert_handles = dict(zip(shards, experts or []))
+        shard_of = {(L, E): name for name, pairs in shards.items() for L, E in pairs}
+        self.directory = get_directory(directory)
+
+        async def lookup():
+            return await self.directory.table.remote()
+
+        async def forget(address):
+            await self.directory.forget.remote(address)
+
+        self.dispatcher = GrpcDispatcher(shard_of, lookup, forget, call_timeout_s=expert_timeout_s,
+                                         wire_dtype=wire_dtype)
+        self.engine = Engine(self.cfg, model.DenseWeights.load(ckpt), self.dispatcher,
+                             max_running=max_running, max_queued=max_queued)
+
+    async def generate(self, prompt: list[int], params: dict, timeout_s: float | None = None):
+        """Streams (token_id, finish_reason) pairs."""
+        async for item in self.engine.generate(prompt, SamplingParams(**params), _deadline(timeout_s)):
+            yield item
+
+    async def score(self, tokens: list[int], timeout_s: float | None = None) -> torch.Tensor:
+        return await self.engine.score(tokens, _deadline(timeout_s))
+
+    async def ready(self) -> dict[str, int]:
+        """Replicas registered per shard (the health check of `moe-serve up` waits for all >= 1)."""
+        await self.dispatcher.refresh(force=True)
+        return {name: len(self.dispatcher.replicas.get(name, [])) for name in self.shards}
+
+    async def stats(self) -> dict:
+        replicas = await self.ready()
+        return {"counts": self.engine.stats.counts.tolist(), "tokens": self.engine.stats.tokens,
+                "finished": self.engine.finished, **self.engine.load,
+                "shards": {n: [list(p) for p in pairs] for n, pairs in self.shards.items()},
+                "replicas": replicas, "top_k": self.cfg.top_k}
+
+    async def check_health(self):
+        if self.engine._loop_task is not None and self.engine._loop_task.done() and not self.engine._loop_task.cancelled():
+            raise RuntimeError(f"engine loop stopped: {self.engine._loop_task.exception()!r}")
+
+
+def _deadline(timeout_s: float | None) -> float | None:
+    return time.monotonic() + timeout_s if timeout_s else None

@@ -1,0 +1,34 @@
+"""A real Ray cluster with the app deployed, shared by the cluster tests of one module."""
+from __future__ import annotations
+
+import contextlib
+import socket
+
+import ray
+from ray import serve
+
+from expert_service.directory import NAMESPACE, kill_directory
+from router_service.launcher import deploy, load_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(model_dir, *, num_cpus=16, num_gpus=0, config=None, **app_args):
+    """ray.init (logical CPUs: replicas reserve none, but Serve's own actors want some), deploy, yield
+    the gateway address; shut everything down afterwards, whatever happened."""
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=NAMESPACE, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        cfg = load_config(config, model=str(model_dir), port=free_port(), **app_args)
+        yield deploy(cfg, wait_s=300), cfg
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        with contextlib.suppress(Exception):
+            kill_directory()
+        ray.shutdown()
