@@ -118,9 +118,18 @@ def cmd_stats(a):
     print(json.dumps(out))
 
 
+# Modules that add subcommands of their own: each has `add_parser(sub)` setting `fn` as a default,
+# and keeps heavy imports inside its functions so that `moe-serve --help` stays quick.
+COMMAND_MODULES = []
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     p = argparse.ArgumentParser(prog="moe-serve", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
 
     s = sub.add_parser("init-model", help="write a seeded random Mixtral checkpoint with a tokenizer")
     s.add_argument("out_dir")

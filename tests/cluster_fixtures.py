@@ -18,13 +18,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(model_dir, *, num_cpus=16, num_gpus=0, config=None, **app_args):
+def running_app(model_dir, *, num_cpus=16, num_gpus=0, config=None, edit=None, **app_args):
     """ray.init (logical CPUs: replicas reserve none, but Serve's own actors want some), deploy, yield
     the gateway address; shut everything down afterwards, whatever happened."""
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=NAMESPACE, include_dashboard=False,
              log_to_driver=False)
     try:
         cfg = load_config(config, model=str(model_dir), port=free_port(), **app_args)
+        if edit is not None:
+            cfg = edit(cfg)
         yield deploy(cfg, wait_s=300), cfg
     finally:
         with contextlib.suppress(Exception):
