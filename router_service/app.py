@@ -16,7 +16,8 @@ from router_service.router import Router
 
 def build_app(args: dict) -> serve.Application:
     """args: model (dir, required), layers_per_shard, expert_dtype, directory, max_running,
-    max_queued, expert_timeout_s, request_timeout_s, wire_dtype."""
+    max_queued, expert_timeout_s, request_timeout_s, wire_dtype, transport ("grpc" or "handle"),
+    micro_batches (2 = ping-pong overlap of attention and expert calls)."""
     model = args["model"]
     cfg = MoEConfig.from_dir(model)
     directory = args.get("directory", DEFAULT_NAME)
@@ -25,5 +26,6 @@ def build_app(args: dict) -> serve.Application:
                for name, pairs in shards.items()]
     router = Router.bind(model, shards, directory, experts=experts,
                          max_running=args.get("max_running", 64), max_queued=args.get("max_queued", 256),
-                         expert_timeout_s=args.get("expert_timeout_s", 30.0), wire_dtype=args.get("wire_dtype"))
+                         expert_timeout_s=args.get("expert_timeout_s", 30.0), wire_dtype=args.get("wire_dtype"),
+                         transport=args.get("transport", "grpc"), micro_batches=args.get("micro_batches", 1))
     return Gateway.bind(router, model, args.get("request_timeout_s", 300.0))

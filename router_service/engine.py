@@ -54,9 +54,11 @@ class _Sequence:
 
 class Engine:
     def __init__(self, cfg: MoEConfig, weights: model.DenseWeights, dispatcher, *,
-                 max_running: int = 64, max_queued: int = 256, max_step_tokens: int = 8192):
+                 max_running: int = 64, max_queued: int = 256, max_step_tokens: int = 8192,
+                 micro_batches: int = 1):
         self.cfg, self.weights, self.dispatcher = cfg, weights, dispatcher
         self.max_running, self.max_queued, self.max_step_tokens = max_running, max_queued, max_step_tokens
+        self.micro_batches = micro_batches
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self.stats = RouteStats(cfg)
@@ -171,8 +173,16 @@ class Engine:
             self.running.append(self.waiting.popleft())
 
     async def _step(self, batch: list[_Sequence]):
+        # Micro-batches run as concurrent coroutines: while one waits for its experts, the next
+        # runs its attention (ping-pong overlap). Sequences are independent, so results are the same.
+        groups = _split(batch, self.micro_batches)
+        outs = await asyncio.gather(*(self._forward(g) for g in groups))
+        for group, (segments, h_TH) in zip(groups, outs):
+            self._emit(group, segments, h_TH)
+
+    async def _forward(self, group: list[_Sequence]):
         segments, tokens = [], []
-        for s in batch:
+        for s in group:
             start = s.cache.length
             new = s.tokens[start:]
             segments.append(model.Segment(s.cache, start, len(new)))
@@ -180,8 +190,11 @@ class Engine:
         h_TH = await model.forward(self.cfg, self.weights, torch.tensor(tokens), segments,
                                    self.dispatcher, on_route=self.stats.record)
         self.stats.tokens += len(tokens)
+        return segments, h_TH
+
+    def _emit(self, group: list[_Sequence], segments: list[model.Segment], h_TH: torch.Tensor):
         last = list(itertools.accumulate(seg.length for seg in segments))
-        for s, seg, end in zip(batch, segments, last):
+        for s, seg, end in zip(group, segments, last):
             if s.done:
                 continue
             if s.params is None:
@@ -203,6 +216,21 @@ class Engine:
     def _finish(self, s: _Sequence):
         s.done = True
         self.finished += 1
+
+
+def _split(batch: list[_Sequence], n: int) -> list[list[_Sequence]]:
+    """At most n contiguous groups of about equal token counts (no empty group)."""
+    if n <= 1 or len(batch) < 2:
+        return [batch]
+    sizes = [len(s.tokens) - s.cache.length for s in batch]
+    total, groups, cur, acc = sum(sizes), [], [], 0
+    for s, size in zip(batch, sizes):
+        cur.append(s)
+        acc += size
+        if acc >= total * (len(groups) + 1) / n and len(groups) < n - 1:
+            groups.append(cur)
+            cur = []
+    return groups + [cur] if cur else groups
 
 
 def local_engine(model_dir, **limits) -> Engine:

@@ -13,6 +13,7 @@ from moe_core.checkpoint import Checkpoint
 from router_service import model
 from router_service.engine import Engine
 from router_service.grpc_dispatch import GrpcDispatcher
+from router_service.handle_dispatch import HandleDispatcher
 from router_service.sampling import SamplingParams
 
 log = logging.getLogger("ray.serve")
@@ -22,7 +23,7 @@ log = logging.getLogger("ray.serve")
 class Router:
     def __init__(self, model_dir: str, shards: dict[str, list], directory: str = DEFAULT_NAME, *,
                  experts: list | None = None, max_running: int = 64, max_queued: int = 256, expert_timeout_s: float = 30.0,
-                 wire_dtype: str | None = None):
+                 wire_dtype: str | None = None, transport: str = "grpc", micro_batches: int = 1):
         ckpt = Checkpoint(model_dir)
         self.cfg = ckpt.config
         self.shards = shards
@@ -40,8 +41,14 @@ class Router:
 
         self.dispatcher = GrpcDispatcher(shard_of, lookup, forget, call_timeout_s=expert_timeout_s,
                                          wire_dtype=wire_dtype)
-        self.engine = Engine(self.cfg, model.DenseWeights.load(ckpt), self.dispatcher,
-                             max_running=max_running, max_queued=max_queued)
+        if transport not in ("grpc", "handle"):
+            raise ValueError(f"transport must be 'grpc' or 'handle', got {transport!r}")
+        # "handle" sends expert calls through Serve handles instead (the Ray-native baseline); the gRPC
+        # dispatcher still tracks the directory for health and stats.
+        engine_dispatcher = (self.dispatcher if transport == "grpc"
+                             else HandleDispatcher(shard_of, self.expert_handles))
+        self.engine = Engine(self.cfg, model.DenseWeights.load(ckpt), engine_dispatcher,
+                             max_running=max_running, max_queued=max_queued, micro_batches=micro_batches)
 
     async def generate(self, prompt: list[int], params: dict, timeout_s: float | None = None):
         """Streams (token_id, finish_reason) pairs."""

@@ -73,3 +73,29 @@ def test_batched_requests_equal_solo(tiny_model):
         import asyncio
         return await asyncio.gather(*(engine.complete(p, s) for p, s in zip(prompts, params)))
     assert run(together()) == solo
+
+
+def test_micro_batches_give_the_same_tokens(tiny_model):
+    import asyncio
+    prompts = [[1, 2, 3], list(range(5, 30)), [7], list(range(100, 140, 3)), [4, 4]]
+    params = SamplingParams(max_new_tokens=10)
+
+    async def together(engine):
+        return await asyncio.gather(*(engine.complete(p, params) for p in prompts))
+    one = run(together(local_engine(tiny_model)))
+    two = run(together(local_engine(tiny_model, micro_batches=2)))
+    three = run(together(local_engine(tiny_model, micro_batches=3)))
+    assert one == two == three
+
+
+def test_split_balances_tokens():
+    from router_service.engine import _split
+
+    class S:
+        def __init__(self, n):
+            self.tokens, self.cache = [0] * n, type("C", (), {"length": 0})()
+    batch = [S(n) for n in (10, 1, 1, 1, 9, 1)]
+    groups = _split(batch, 2)
+    assert len(groups) == 2 and sum(map(len, groups)) == 6
+    assert [sum(len(s.tokens) for s in g) for g in groups] == [12, 11]
+    assert _split(batch[:1], 2) == [batch[:1]]

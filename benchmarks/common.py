@@ -1,0 +1,104 @@
+"""What every benchmark shares: timing, the machine description, results as JSON and a table."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    import torch
+    info = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpus": os.cpu_count(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    else:
+        info["device"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return info
+
+
+async def time_async(fn, *, iters: int, warmup: int = 2, sync=None) -> dict:
+    """Median and p90 wall time in ms of `await fn()`; `sync()` runs before each clock read (cuda)."""
+    for _ in range(warmup):
+        await fn()
+    times = []
+    for _ in range(iters):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        await fn()
+        if sync:
+            sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))], "iters": iters}
+
+
+def iters_for(ms_estimate: float, budget_s: float = 3.0, lo: int = 3, hi: int = 200) -> int:
+    return max(lo, min(hi, int(budget_s * 1e3 / max(ms_estimate, 1e-3))))
+
+
+def save(name: str, rows: list[dict], meta: dict, columns: list[str]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **meta, "rows": rows}, indent=2))
+    print(table(rows, columns))
+    print(f"\nwrote {path}")
+    return path
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+class ExpertServers:
+    """`python -m expert_service` subprocesses, one per shard; a context manager that stops them."""
+
+    def __init__(self, model_dir, shards: dict[str, list[int]], *, device="cpu", dtype="float32", threads=None):
+        self.procs, self.addresses = [], {}
+        env = dict(os.environ)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        for name, experts in shards.items():
+            cmd = [sys.executable, "-m", "expert_service", "--model", str(model_dir), "--experts",
+                   ",".join(map(str, experts)), "--device", device, "--dtype", dtype]
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+            self.procs.append(p)
+            line = p.stdout.readline()
+            if not line:
+                self.close()
+                raise RuntimeError(f"expert server for {name} did not start")
+            info = json.loads(line)
+            self.addresses[name] = f"{info['host']}:{info['port']}"
+
+    def close(self):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run(coro):
+    return asyncio.run(coro)

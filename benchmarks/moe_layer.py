@@ -1,0 +1,121 @@
+"""Question: what does moving an MoE layer's expert work off the router cost?
+
+One MoE layer (gate, top-k, grouped dispatch, experts, weighted combine) at T tokens, through:
+in-process (experts in this process), gRPC (one `python -m expert_service` per expert), and Ray
+Serve handles (the Ray-native baseline; CPU runs only). ms per layer and the ratio to in-process.
+
+    python -m benchmarks.moe_layer [--preset bench] [--tokens 1,8,64,512,4096] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+
+from benchmarks.common import ExpertServers, iters_for, run, save, time_async
+from moe_core.checkpoint import Checkpoint, random_weights, write_checkpoint
+from moe_core.config import preset
+from router_service import model
+from router_service.dispatch import InProcessDispatcher
+
+
+def layer_checkpoint(name: str, out_dir) -> Checkpoint:
+    """One decoder layer of the preset's shape, tiny vocabulary: only the MoE block is timed."""
+    cfg = preset(name).replace(n_layers=1, vocab_size=64, bos_token_id=1, eos_token_id=2)
+    write_checkpoint(out_dir, cfg, random_weights(cfg, seed=0))
+    return Checkpoint(out_dir)
+
+
+async def _bench_all(ckpt, tokens, transports, device, dtype, wire_dtype):
+    from expert_service.experts import ExpertShard
+    from router_service.grpc_dispatch import GrpcDispatcher
+
+    cfg = ckpt.config
+    tdtype = getattr(torch, dtype)
+    gate = model.DenseWeights.load(ckpt).layers[0].gate.to(device, tdtype)
+    inproc = InProcessDispatcher(ExpertShard.load(ckpt, [(0, e) for e in range(cfg.n_experts)], device=device, dtype=tdtype))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    rows, dispatchers, cleanup = [], {"inprocess": inproc}, []
+    shard_of = {(0, e): f"expert-{e}" for e in range(cfg.n_experts)}
+    if "grpc" in transports:
+        servers = ExpertServers(ckpt.dir, {f"expert-{e}": [e] for e in range(cfg.n_experts)}, device=device, dtype=dtype)
+        cleanup.append(servers.close)
+        table = {n: [a] for n, a in servers.addresses.items()}
+
+        async def lookup():
+            return table
+        dispatchers["grpc"] = GrpcDispatcher(shard_of, lookup, wire_dtype=wire_dtype)
+    if "handle" in transports:
+        dispatchers["handle"] = _handle_dispatcher(ckpt, shard_of)
+        cleanup.append(_stop_ray)
+    try:
+        for T in tokens:
+            x = torch.randn(T, cfg.hidden_size, generator=torch.Generator().manual_seed(T)).to(device, tdtype)
+            ref = await model.moe(0, x, gate, cfg.top_k, inproc)
+            base = None
+            for name, disp in dispatchers.items():
+                out = await model.moe(0, x, gate, cfg.top_k, disp)
+                err = (out.float() - ref.float()).abs().max().item()
+                est = (await time_async(lambda: model.moe(0, x, gate, cfg.top_k, disp), iters=2, warmup=1, sync=sync))["ms"]
+                r = await time_async(lambda: model.moe(0, x, gate, cfg.top_k, disp), iters=iters_for(est), sync=sync)
+                base = base or r["ms"]
+                rows.append({"T": T, "transport": name, "ms": r["ms"], "p90_ms": r["p90_ms"],
+                             "ratio": r["ms"] / base, "max_abs_diff": err,
+                             "MB_each_way": T * cfg.top_k * cfg.hidden_size * x.element_size() / 1e6})
+                print(rows[-1], flush=True)
+    finally:
+        for d in dispatchers.values():
+            if hasattr(d, "close"):
+                await d.close()
+        for c in cleanup:
+            c()
+    return rows
+
+
+def _handle_dispatcher(ckpt, shard_of):
+    import ray
+    from ray import serve
+
+    from expert_service.deployment import ExpertReplica
+    from router_service.handle_dispatch import HandleDispatcher
+
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False, namespace="moe-serve")
+    handles = {}
+    for (L, e), name in shard_of.items():
+        app = ExpertReplica.options(name=name, ray_actor_options={"num_cpus": 0}).bind(str(ckpt.dir), name, [(L, e)])
+        handles[name] = serve.run(app, name=name, route_prefix=None)
+    return HandleDispatcher(shard_of, handles)
+
+
+def _stop_ray():
+    import ray
+    from ray import serve
+
+    from expert_service.directory import kill_directory
+    serve.shutdown()
+    kill_directory()
+    ray.shutdown()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="bench")
+    p.add_argument("--tokens", default="1,8,64,512,4096")
+    p.add_argument("--transports", default="inprocess,grpc,handle")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--wire-dtype", help="dtype on the wire (default: the tensor's)")
+    p.add_argument("--name", default="moe_layer", help="results file name")
+    a = p.parse_args(argv)
+    tokens = [int(t) for t in a.tokens.split(",")]
+    transports = a.transports.split(",")
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = layer_checkpoint(a.preset, d)
+        rows = run(_bench_all(ckpt, tokens, transports, a.device, a.dtype, a.wire_dtype))
+    save(a.name, rows, {"preset": a.preset, "device": a.device, "dtype": a.dtype, "wire_dtype": a.wire_dtype},
+         ["T", "transport", "ms", "p90_ms", "ratio", "MB_each_way", "max_abs_diff"])
+
+
+if __name__ == "__main__":
+    main()
