@@ -31,7 +31,8 @@ async def serve(a) -> None:
 
     # Bad ids fail here, before torch is imported (seconds on a small machine).
     cfg = MoEConfig.from_dir(a.model)
-    pairs = [(L, E) for L in _ids(a.layers, cfg.n_layers, "layers") for E in _ids(a.experts, cfg.n_experts, "experts")]
+    layers, experts = _ids(a.layers, cfg.n_layers, "layers"), _ids(a.experts, cfg.n_experts, "experts")
+    pairs = [(L, E) for L in layers for E in experts]
 
     import torch
 
@@ -46,8 +47,9 @@ async def serve(a) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {a.device}: torch sees no CUDA device here")
     shard = ExpertShard.load(Checkpoint(a.model), pairs, device=device, dtype=getattr(torch, a.dtype))
-    servicer = ExpertServicer(shard, max_message_bytes=a.max_message_mb << 20)
-    server, port = await start_server(servicer, host=a.host, port=a.port, max_message_bytes=a.max_message_mb << 20)
+    max_bytes = a.max_message_mb << 20
+    servicer = ExpertServicer(shard, max_message_bytes=max_bytes)
+    server, port = await start_server(servicer, host=a.host, port=a.port, max_message_bytes=max_bytes)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -54,8 +54,9 @@ def decode(msg: common_pb2.Tensor, *, allowed_dtypes=FLOAT_DTYPES, max_elements:
            expect_last_dim: int | None = None, name: str = "tensor") -> torch.Tensor:
     """Validates the header against the limits, then views the payload without copying it.
 
-    The result aliases a bytes object that only it references (protobuf hands out a fresh copy
-    on every `.data` access), so in-place writes are harmless; `.clone()` to be explicit.
+    The result aliases a bytes object that only it references (protobuf's default upb backend
+    hands out a fresh copy on every `.data` access), so in-place writes are harmless there;
+    `.clone()` first if you write into it and may run on the pure-Python protobuf backend.
     """
     if msg.dtype not in DTYPES or msg.dtype not in allowed_dtypes:
         raise WireError(f"{name}: dtype {msg.dtype!r} is not accepted here; "

@@ -1,0 +1,111 @@
+"""Same-node fast path: tensors move through shared memory, gRPC carries only the envelope.
+
+A client on the expert's node creates a pair of buffers (input rows, output rows) and attaches
+them to the replica once; each Forward then names the session and the row count. Two kinds:
+
+- "shm": files in /dev/shm mapped by both processes (CPU); the rows are written once by the
+  router's gather and read in place by the expert, with no serialization at all;
+- "cuda_ipc": CUDA device memory shared through CUDA IPC handles (the same GPU or peers on one
+  host); the hidden states never leave the GPU.
+
+Descriptors are plain fields (msgpack for the CUDA handle tuple), never pickle.
+"""
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass
+
+import msgpack
+import torch
+
+from moe_core.codec import DTYPES
+
+SHM_DIR = "/dev/shm"
+_NAME = re.compile(r"^moe-[0-9a-f]{32}$")  # what a client may name; anything else is refused
+MAX_BUFFER_BYTES = 1 << 31
+
+
+class SharedError(ValueError):
+    """A bad attach request; the message names the problem."""
+
+
+@dataclass
+class Buffers:
+    """One session's input and output rows, [capacity, hidden] each, and how to describe them."""
+    kind: str
+    x: torch.Tensor
+    y: torch.Tensor
+    names: tuple[str, str] = ("", "")       # shm file names
+    handles: tuple[bytes, bytes] = (b"", b"")  # cuda_ipc descriptors
+
+    @property
+    def capacity(self) -> int:
+        return self.x.shape[0]
+
+    def close(self, owner: bool) -> None:
+        if owner and self.kind == "shm":
+            for n in self.names:
+                try:
+                    os.unlink(os.path.join(SHM_DIR, n))
+                except FileNotFoundError:
+                    pass
+
+
+def create(kind: str, capacity: int, hidden: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> Buffers:
+    """The client side: allocate a pair of buffers that a replica on this node can map."""
+    if kind == "shm":
+        names = tuple(f"moe-{uuid.uuid4().hex}" for _ in range(2))
+        x, y = (_map(n, capacity * hidden, dtype).view(capacity, hidden) for n in names)
+        return Buffers(kind, x, y, names=names)
+    if kind == "cuda_ipc":
+        x = torch.empty(capacity, hidden, dtype=dtype, device=device)
+        y = torch.empty_like(x)
+        return Buffers(kind, x, y, handles=(_cuda_handle(x), _cuda_handle(y)))
+    raise SharedError(f"unknown shared-buffer kind {kind!r}; use 'shm' or 'cuda_ipc'")
+
+
+def open_remote(kind: str, capacity: int, hidden: int, dtype_tag: str, names=("", ""), handles=(b"", b"")) -> Buffers:
+    """The server side: map the buffers a client on this node created, after checking the request."""
+    if dtype_tag not in DTYPES:
+        raise SharedError(f"unknown dtype {dtype_tag!r}")
+    dtype = DTYPES[dtype_tag]
+    nbytes = capacity * hidden * dtype.itemsize
+    if capacity <= 0 or nbytes > MAX_BUFFER_BYTES:
+        raise SharedError(f"buffer of {capacity} x {hidden} {dtype_tag} is outside (0, {MAX_BUFFER_BYTES}] bytes")
+    if kind == "shm":
+        for n in names:
+            if not _NAME.match(n):
+                raise SharedError(f"shared-memory name {n!r} is not one this service created")
+            path = os.path.join(SHM_DIR, n)
+            if not os.path.isfile(path) or os.path.getsize(path) != nbytes:
+                raise SharedError(f"shared-memory segment {n} is missing or not {nbytes} bytes")
+        x, y = (_map(n, capacity * hidden, dtype).view(capacity, hidden) for n in names)
+        return Buffers(kind, x, y, names=tuple(names))
+    if kind == "cuda_ipc":
+        try:
+            x, y = (_open_cuda(h, dtype).view(capacity, hidden) for h in handles)
+        except Exception as e:  # a handle from another host or a freed buffer
+            raise SharedError(f"cannot open CUDA IPC handle: {e}") from None
+        return Buffers(kind, x, y)
+    raise SharedError(f"unknown shared-buffer kind {kind!r}; use 'shm' or 'cuda_ipc'")
+
+
+def _map(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_file(os.path.join(SHM_DIR, name), shared=True, size=numel, dtype=dtype)
+
+
+def _cuda_handle(t: torch.Tensor) -> bytes:
+    (device, handle, size, offset, ref_handle, ref_offset, event, event_sync) = t.untyped_storage()._share_cuda_()
+    return msgpack.packb([device, handle, size, offset, ref_handle, ref_offset, event, event_sync])
+
+
+def _open_cuda(blob: bytes, dtype: torch.dtype) -> torch.Tensor:
+    fields = msgpack.unpackb(blob)
+    if not isinstance(fields, list) or len(fields) != 8:
+        raise SharedError("CUDA IPC descriptor must have 8 fields")
+    torch.cuda._lazy_init()
+    storage = torch.UntypedStorage._new_shared_cuda(*fields)
+    return torch.empty(0, dtype=dtype, device=f"cuda:{fields[0]}").set_(
+        storage, 0, (fields[2] // dtype.itemsize,), (1,))
