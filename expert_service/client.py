@@ -6,15 +6,22 @@ import torch
 
 from expert_service.server import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
 from moe.v1 import expert_pb2, expert_pb2_grpc
-from moe_core.codec import FLOAT_DTYPES, WireError, decode, encode
+from expert_service import shared as shared_buffers
+from moe_core.codec import FLOAT_DTYPES, TAGS, WireError, decode, encode
 
 
 class ExpertClient:
-    """Create inside the event loop that will use it (grpc.aio channels bind to their loop)."""
+    """Create inside the event loop that will use it (grpc.aio channels bind to their loop).
+
+    `shared` ("shm" or "cuda_ipc") moves the tensors through buffers shared with a replica on
+    this node; gRPC then carries only the envelope. If the replica cannot map them (another
+    node), the client falls back to bytes on the wire for good.
+    """
 
     def __init__(self, address: str, options=CHANNEL_OPTIONS,
-                 credentials: grpc.ChannelCredentials | None = None):
-        self.address = address
+                 credentials: grpc.ChannelCredentials | None = None, shared: str | None = None):
+        self.address, self.shared = address, shared
+        self._free: list[tuple[str, shared_buffers.Buffers]] = []
         self.channel = (grpc.aio.secure_channel(address, credentials, options=options) if credentials
                         else grpc.aio.insecure_channel(address, options=options))
         self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
@@ -27,6 +34,11 @@ class ExpertClient:
         `wire_dtype` (e.g. "bfloat16") halves the bytes of a float32 x_TH; the reply comes back
         in that dtype and is cast to x_TH's. Raises grpc.aio.AioRpcError on a failed call.
         """
+        if self.shared:
+            try:
+                return await self._forward_shared(x_TH, segments, timeout)
+            except shared_buffers.SharedError:
+                self.shared = None  # not on this node after all
         request = expert_pb2.ForwardRequest(
             hidden=encode(x_TH, wire_dtype),
             segments=[expert_pb2.Segment(layer=L, expert=E, rows=n) for L, E, n in segments])
@@ -37,10 +49,55 @@ class ExpertClient:
             raise WireError(f"{self.address} returned {y_TH.shape[0]} rows for {x_TH.shape[0]}")
         return y_TH.to(x_TH.dtype)
 
+    async def _forward_shared(self, x_TH, segments, timeout):
+        session, buffers = await self._acquire(x_TH, timeout)
+        try:
+            n = x_TH.shape[0]
+            buffers.x[:n].copy_(x_TH)
+            if buffers.x.is_cuda:  # the replica reads the buffer as soon as the request arrives
+                torch.cuda.current_stream(buffers.x.device).synchronize()
+            await self.stub.Forward(expert_pb2.ForwardRequest(
+                session=session, rows=n,
+                segments=[expert_pb2.Segment(layer=L, expert=E, rows=r) for L, E, r in segments]), timeout=timeout)
+            return buffers.y[:n].to(x_TH.device, x_TH.dtype, copy=True)
+        finally:
+            self._free.append((session, buffers))
+
+    async def _acquire(self, x_TH, timeout):
+        """A free session big enough for x_TH (sessions are reused; each call holds one)."""
+        n, hidden = x_TH.shape
+        for i, (session, b) in enumerate(self._free):
+            if b.capacity >= n and b.x.dtype == x_TH.dtype:
+                return self._free.pop(i)
+        if self._free:  # too small: replace the smallest
+            session, b = self._free.pop(0)
+            await self._detach(session, b, timeout)
+        capacity = max(64, 1 << (n - 1).bit_length())
+        b = shared_buffers.create(self.shared, capacity, hidden, x_TH.dtype, x_TH.device)
+        try:
+            reply = await self.stub.Attach(expert_pb2.AttachRequest(
+                kind=b.kind, dtype=TAGS[x_TH.dtype], capacity_rows=capacity, hidden_size=hidden,
+                names=list(b.names), handles=list(b.handles)), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            b.close(owner=True)
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise shared_buffers.SharedError(e.details()) from None
+            raise
+        return reply.session, b
+
+    async def _detach(self, session, b, timeout):
+        try:
+            await self.stub.Detach(expert_pb2.DetachRequest(session=session), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            pass
+        b.close(owner=True)
+
     async def info(self, *, timeout: float) -> expert_pb2.InfoReply:
         return await self.stub.Info(expert_pb2.InfoRequest(), timeout=timeout)
 
     async def close(self) -> None:
+        while self._free:
+            await self._detach(*self._free.pop(), timeout=1.0)
         await self.channel.close()
 
     async def __aenter__(self):

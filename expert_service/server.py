@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -15,6 +17,7 @@ import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from expert_service import shared
 from expert_service.experts import ExpertShard
 from moe.v1 import common_pb2, expert_pb2
 from moe_core.codec import FLOAT_DTYPES, TAGS, WireError, check_finite, decode, encode
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
 MAX_MESSAGE_BYTES = 256 << 20  # 4096 tokens x 4096 hidden x fp32 is 64 MiB; leave room for prefill
+MAX_SESSIONS = 1024  # shared-buffer sessions: a few per router and micro-batch
 MAX_SEGMENTS = 4096  # a replica serves a few dozen (layer, expert) pairs; more is a broken client
 
 
@@ -69,14 +73,26 @@ class ExpertServicer:
         self.inline_below = inline_below
         self._pool = ThreadPoolExecutor(1, "expert-compute")
         self.calls = self.rows = self.in_flight = 0
+        # Load signals for autoscaling: rows inside Forward now, and seconds spent in Forward
+        # summed over calls (its rate is the time-averaged number of calls in flight).
+        self.rows_in_flight, self.busy_s = 0, 0.0
+        self.sessions: dict[str, shared.Buffers] = {}  # same-node clients' shared buffers
 
     def _parse(self, request: expert_pb2.ForwardRequest) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-        if not request.HasField("hidden"):
-            raise WireError("hidden tensor is missing")
         if len(request.segments) > MAX_SEGMENTS:
             raise WireError(f"{len(request.segments)} segments exceed the limit of {MAX_SEGMENTS}")
-        x_TH = decode(request.hidden, allowed_dtypes=FLOAT_DTYPES, max_elements=self.max_elements,
-                      expect_rank=2, expect_last_dim=self.hidden_size, name="hidden")
+        if request.session:
+            buffers = self.sessions.get(request.session)
+            if buffers is None:
+                raise WireError(f"unknown session {request.session[:64]!r}; Attach first")
+            if request.rows > buffers.capacity:
+                raise WireError(f"rows {request.rows} exceed the session's {buffers.capacity}")
+            x_TH = buffers.x[:request.rows]
+        elif not request.HasField("hidden"):
+            raise WireError("hidden tensor is missing")
+        else:
+            x_TH = decode(request.hidden, allowed_dtypes=FLOAT_DTYPES, max_elements=self.max_elements,
+                          expect_rank=2, expect_last_dim=self.hidden_size, name="hidden")
         segments = [(s.layer, s.expert, s.rows) for s in request.segments]
         for layer, expert, _ in segments:
             if (layer, expert) not in self.served:
@@ -87,23 +103,31 @@ class ExpertServicer:
         check_finite(x_TH, "hidden")
         return x_TH, segments
 
-    def _compute(self, x_TH: torch.Tensor, segments) -> common_pb2.Tensor:
+    def _compute(self, x_TH: torch.Tensor, segments, session: str = "") -> common_pb2.Tensor | None:
         y_TH = self.shard.forward(x_TH.to(self.device, self.dtype), segments)
-        return encode(y_TH.to("cpu", x_TH.dtype))
+        if not session:
+            return encode(y_TH.to("cpu", x_TH.dtype))
+        self.sessions[session].y[:y_TH.shape[0]].copy_(y_TH)
+        if y_TH.is_cuda:  # the client reads the output buffer as soon as the reply arrives
+            torch.cuda.current_stream(y_TH.device).synchronize()
+        return None
 
     async def Forward(self, request, context):
         self.in_flight += 1
+        started, rows = time.perf_counter(), 0
         try:
             try:
                 x_TH, segments = self._parse(request)
             except WireError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            rows = x_TH.shape[0]
+            self.rows_in_flight += rows
             try:
                 if x_TH.shape[0] * self.work_per_row < self.inline_below:
-                    output = self._compute(x_TH, segments)
+                    output = self._compute(x_TH, segments, request.session)
                 else:
                     output = await asyncio.get_running_loop().run_in_executor(
-                        self._pool, self._compute, x_TH, segments)
+                        self._pool, self._compute, x_TH, segments, request.session)
             except Exception as e:  # a fault of ours (e.g. device OOM): log it, keep the trace here
                 log.exception("expert compute failed")
                 await context.abort(grpc.StatusCode.INTERNAL, f"expert compute failed: {type(e).__name__}")
@@ -112,6 +136,33 @@ class ExpertServicer:
             return expert_pb2.ForwardReply(output=output)
         finally:
             self.in_flight -= 1
+            self.rows_in_flight -= rows
+            self.busy_s += time.perf_counter() - started
+
+    async def Attach(self, request, context):
+        """Maps a same-node client's buffers; later Forwards name the session instead of sending bytes."""
+        if len(self.sessions) >= MAX_SESSIONS:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_SESSIONS} sessions attached already")
+        if request.hidden_size != self.hidden_size:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"hidden_size {request.hidden_size} != this replica's {self.hidden_size}")
+        if request.dtype not in FLOAT_DTYPES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dtype {request.dtype!r} is not a float wire dtype")
+        n = 2
+        if (request.kind == "shm" and len(request.names) != n) or (request.kind == "cuda_ipc" and len(request.handles) != n):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session needs exactly two buffers")
+        try:
+            buffers = shared.open_remote(request.kind, request.capacity_rows, request.hidden_size, request.dtype,
+                                         names=tuple(request.names), handles=tuple(request.handles))
+        except shared.SharedError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        session = uuid.uuid4().hex
+        self.sessions[session] = buffers
+        return expert_pb2.AttachReply(session=session)
+
+    async def Detach(self, request, context):
+        self.sessions.pop(request.session, None)
+        return expert_pb2.DetachReply()
 
     async def Info(self, request, context):
         return expert_pb2.InfoReply(
@@ -149,7 +200,9 @@ async def start_server(shard: ExpertShard | ExpertServicer, *, host: str = "127.
     server = grpc.aio.server(options=channel_options(max_message_bytes) + [("grpc.so_reuseport", 0)])
     server.add_registered_method_handlers(SERVICE_NAME, {
         "Forward": _unary(servicer.Forward, expert_pb2.ForwardRequest, expert_pb2.ForwardReply),
-        "Info": _unary(servicer.Info, expert_pb2.InfoRequest, expert_pb2.InfoReply)})
+        "Info": _unary(servicer.Info, expert_pb2.InfoRequest, expert_pb2.InfoReply),
+        "Attach": _unary(servicer.Attach, expert_pb2.AttachRequest, expert_pb2.AttachReply),
+        "Detach": _unary(servicer.Detach, expert_pb2.DetachRequest, expert_pb2.DetachReply)})
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

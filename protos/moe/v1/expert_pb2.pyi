@@ -18,18 +18,54 @@ class Segment(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("hidden", "segments")
+    __slots__ = ("hidden", "segments", "session", "rows")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     hidden: _common_pb2.Tensor
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
-    def __init__(self, hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
+    session: str
+    rows: int
+    def __init__(self, hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., session: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("output",)
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     output: _common_pb2.Tensor
     def __init__(self, output: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("kind", "dtype", "capacity_rows", "hidden_size", "names", "handles")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_ROWS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    dtype: str
+    capacity_rows: int
+    hidden_size: int
+    names: _containers.RepeatedScalarFieldContainer[str]
+    handles: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, kind: _Optional[str] = ..., dtype: _Optional[str] = ..., capacity_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., handles: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class AttachReply(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class DetachRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class DetachReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

@@ -44,6 +44,16 @@ class ExpertServiceStub:
                 request_serializer=moe_dot_v1_dot_expert__pb2.InfoRequest.SerializeToString,
                 response_deserializer=moe_dot_v1_dot_expert__pb2.InfoReply.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_unary(
+                '/moe.v1.ExpertService/Attach',
+                request_serializer=moe_dot_v1_dot_expert__pb2.AttachRequest.SerializeToString,
+                response_deserializer=moe_dot_v1_dot_expert__pb2.AttachReply.FromString,
+                _registered_method=True)
+        self.Detach = channel.unary_unary(
+                '/moe.v1.ExpertService/Detach',
+                request_serializer=moe_dot_v1_dot_expert__pb2.DetachRequest.SerializeToString,
+                response_deserializer=moe_dot_v1_dot_expert__pb2.DetachReply.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -61,6 +71,18 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detach(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +95,16 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=moe_dot_v1_dot_expert__pb2.InfoRequest.FromString,
                     response_serializer=moe_dot_v1_dot_expert__pb2.InfoReply.SerializeToString,
+            ),
+            'Attach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=moe_dot_v1_dot_expert__pb2.AttachRequest.FromString,
+                    response_serializer=moe_dot_v1_dot_expert__pb2.AttachReply.SerializeToString,
+            ),
+            'Detach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detach,
+                    request_deserializer=moe_dot_v1_dot_expert__pb2.DetachRequest.FromString,
+                    response_serializer=moe_dot_v1_dot_expert__pb2.DetachReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +161,60 @@ class ExpertService:
             '/moe.v1.ExpertService/Info',
             moe_dot_v1_dot_expert__pb2.InfoRequest.SerializeToString,
             moe_dot_v1_dot_expert__pb2.InfoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe.v1.ExpertService/Attach',
+            moe_dot_v1_dot_expert__pb2.AttachRequest.SerializeToString,
+            moe_dot_v1_dot_expert__pb2.AttachReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe.v1.ExpertService/Detach',
+            moe_dot_v1_dot_expert__pb2.DetachRequest.SerializeToString,
+            moe_dot_v1_dot_expert__pb2.DetachReply.FromString,
             options,
             channel_credentials,
             insecure,
