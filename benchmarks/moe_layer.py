@@ -3,6 +3,8 @@
 One MoE layer (gate, top-k, grouped dispatch, experts, weighted combine) at T tokens, through:
 in-process (experts in this process), gRPC (one `python -m expert_service` per expert), and Ray
 Serve handles (the Ray-native baseline; CPU runs only). ms per layer and the ratio to in-process.
+Transports: inprocess, grpc (bytes in the message), shm (/dev/shm buffers), cuda_ipc (GPU buffers
+shared through CUDA IPC), handle; "KIND/1" puts every expert in one server (one call per layer).
 
     python -m benchmarks.moe_layer [--preset bench] [--tokens 1,8,64,512,4096] [--device cpu]
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 
 import torch
 
@@ -20,11 +23,25 @@ from router_service import model
 from router_service.dispatch import InProcessDispatcher
 
 
-def layer_checkpoint(name: str, out_dir) -> Checkpoint:
+def layer_checkpoint(name: str, out_dir, dtype=torch.float32) -> Checkpoint:
     """One decoder layer of the preset's shape, tiny vocabulary: only the MoE block is timed."""
     cfg = preset(name).replace(n_layers=1, vocab_size=64, bos_token_id=1, eos_token_id=2)
-    write_checkpoint(out_dir, cfg, random_weights(cfg, seed=0))
+    write_checkpoint(out_dir, cfg, random_weights(cfg, seed=0), dtype=dtype)
     return Checkpoint(out_dir)
+
+
+def gemm_tflops(device, dtype, m=8192, k=4096, n=14336) -> float:
+    """The plain matmul rate on this device: the ceiling the expert math is compared with."""
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e12
 
 
 async def _bench_all(ckpt, tokens, transports, device, dtype, wire_dtype):
@@ -38,14 +55,28 @@ async def _bench_all(ckpt, tokens, transports, device, dtype, wire_dtype):
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
     rows, dispatchers, cleanup = [], {"inprocess": inproc}, []
     shard_of = {(0, e): f"expert-{e}" for e in range(cfg.n_experts)}
-    if "grpc" in transports:
+    one = [t for t in transports if t.endswith("/1")]  # one server holding every expert: one call per layer
+    if one:
+        single = ExpertServers(ckpt.dir, {"experts": list(range(cfg.n_experts))}, device=device, dtype=dtype)
+        cleanup.append(single.close)
+        one_table = {"experts": [single.addresses["experts"]]}
+
+        async def one_lookup():
+            return one_table
+        for t in one:
+            kind = t.split("/")[0]
+            dispatchers[t] = GrpcDispatcher({k: "experts" for k in shard_of}, one_lookup, wire_dtype=wire_dtype,
+                                            shared=None if kind == "grpc" else kind)
+    remote = [t for t in transports if t in ("grpc", "shm", "cuda_ipc")]
+    if remote:
         servers = ExpertServers(ckpt.dir, {f"expert-{e}": [e] for e in range(cfg.n_experts)}, device=device, dtype=dtype)
         cleanup.append(servers.close)
         table = {n: [a] for n, a in servers.addresses.items()}
 
         async def lookup():
             return table
-        dispatchers["grpc"] = GrpcDispatcher(shard_of, lookup, wire_dtype=wire_dtype)
+        for t in remote:  # "grpc": bytes in the message; "shm"/"cuda_ipc": shared buffers, envelope only
+            dispatchers[t] = GrpcDispatcher(shard_of, lookup, wire_dtype=wire_dtype, shared=None if t == "grpc" else t)
     if "handle" in transports:
         dispatchers["handle"] = _handle_dispatcher(ckpt, shard_of)
         cleanup.append(_stop_ray)
@@ -53,6 +84,8 @@ async def _bench_all(ckpt, tokens, transports, device, dtype, wire_dtype):
         for T in tokens:
             x = torch.randn(T, cfg.hidden_size, generator=torch.Generator().manual_seed(T)).to(device, tdtype)
             ref = await model.moe(0, x, gate, cfg.top_k, inproc)
+            rows.append(await _expert_math(inproc.shard, x, gate, cfg, sync))
+            print(rows[-1], flush=True)
             base = None
             for name, disp in dispatchers.items():
                 out = await model.moe(0, x, gate, cfg.top_k, disp)
@@ -71,6 +104,22 @@ async def _bench_all(ckpt, tokens, transports, device, dtype, wire_dtype):
         for c in cleanup:
             c()
     return rows
+
+
+async def _expert_math(shard, x, gate, cfg, sync) -> dict:
+    """The experts alone (no gate, no transport) on the layer's routed rows, as TFLOP/s."""
+    w, idx = model.route(x, gate, cfg.top_k)
+    order = idx.flatten().argsort(stable=True)
+    counts = torch.bincount(idx.flatten(), minlength=cfg.n_experts).tolist()
+    xs = x[order // cfg.top_k]
+    segs = [(0, e, n) for e, n in enumerate(counts)]
+
+    async def math():
+        shard.forward(xs, segs)
+    r = await time_async(math, iters=iters_for((await time_async(math, iters=1, warmup=1, sync=sync))["ms"]), sync=sync)
+    flops = 2 * 3 * xs.shape[0] * cfg.hidden_size * cfg.intermediate_size
+    return {"T": x.shape[0], "transport": "expert math only", "ms": r["ms"], "p90_ms": r["p90_ms"],
+            "tflops": flops / r["ms"] / 1e9}
 
 
 def _handle_dispatcher(ckpt, shard_of):
@@ -110,11 +159,17 @@ def main(argv=None):
     a = p.parse_args(argv)
     tokens = [int(t) for t in a.tokens.split(",")]
     transports = a.transports.split(",")
+    dtype = getattr(torch, a.dtype)
     with tempfile.TemporaryDirectory() as d:
-        ckpt = layer_checkpoint(a.preset, d)
+        ckpt = layer_checkpoint(a.preset, d, dtype)
         rows = run(_bench_all(ckpt, tokens, transports, a.device, a.dtype, a.wire_dtype))
-    save(a.name, rows, {"preset": a.preset, "device": a.device, "dtype": a.dtype, "wire_dtype": a.wire_dtype},
-         ["T", "transport", "ms", "p90_ms", "ratio", "MB_each_way", "max_abs_diff"])
+    peak = gemm_tflops(a.device, dtype)
+    for r in rows:
+        if "tflops" in r:
+            r["of_gemm_peak"] = r["tflops"] / peak
+    save(a.name, rows, {"preset": a.preset, "device": a.device, "dtype": a.dtype, "wire_dtype": a.wire_dtype,
+                        "gemm_tflops": peak},
+         ["T", "transport", "ms", "p90_ms", "ratio", "MB_each_way", "max_abs_diff", "tflops", "of_gemm_peak"])
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ from __future__ import annotations
 import grpc
 import torch
 
+from expert_service import shared as shared_buffers
 from expert_service.server import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
 from moe.v1 import expert_pb2, expert_pb2_grpc
-from expert_service import shared as shared_buffers
 from moe_core.codec import FLOAT_DTYPES, TAGS, WireError, decode, encode
+from moe_core.staging import Staging
 
 
 class ExpertClient:
@@ -22,6 +23,7 @@ class ExpertClient:
                  credentials: grpc.ChannelCredentials | None = None, shared: str | None = None):
         self.address, self.shared = address, shared
         self._free: list[tuple[str, shared_buffers.Buffers]] = []
+        self.staging = Staging()  # pinned host buffer when x_TH lives on a GPU
         self.channel = (grpc.aio.secure_channel(address, credentials, options=options) if credentials
                         else grpc.aio.insecure_channel(address, options=options))
         self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
@@ -40,26 +42,29 @@ class ExpertClient:
             except shared_buffers.SharedError:
                 self.shared = None  # not on this node after all
         request = expert_pb2.ForwardRequest(
-            hidden=encode(x_TH, wire_dtype),
+            hidden=encode(self.staging.to_host(x_TH), wire_dtype),
             segments=[expert_pb2.Segment(layer=L, expert=E, rows=n) for L, E, n in segments])
         reply = await self.stub.Forward(request, timeout=timeout)
         y_TH = decode(reply.output, allowed_dtypes=FLOAT_DTYPES, max_elements=self.max_elements,
                       expect_rank=2, expect_last_dim=x_TH.shape[-1], name="output")
         if y_TH.shape[0] != x_TH.shape[0]:
             raise WireError(f"{self.address} returned {y_TH.shape[0]} rows for {x_TH.shape[0]}")
-        return y_TH.to(x_TH.dtype)
+        return self.staging.to_device(y_TH, x_TH.device, x_TH.dtype)
 
     async def _forward_shared(self, x_TH, segments, timeout):
         session, buffers = await self._acquire(x_TH, timeout)
         try:
             n = x_TH.shape[0]
-            buffers.x[:n].copy_(x_TH)
+            buffers.x[:n].copy_(x_TH if buffers.x.is_cuda else self.staging.to_host(x_TH))
             if buffers.x.is_cuda:  # the replica reads the buffer as soon as the request arrives
                 torch.cuda.current_stream(buffers.x.device).synchronize()
             await self.stub.Forward(expert_pb2.ForwardRequest(
                 session=session, rows=n,
                 segments=[expert_pb2.Segment(layer=L, expert=E, rows=r) for L, E, r in segments]), timeout=timeout)
-            return buffers.y[:n].to(x_TH.device, x_TH.dtype, copy=True)
+            y = buffers.y[:n]
+            if x_TH.is_cuda and not y.is_cuda:
+                return self.staging.to_device(y, x_TH.device, x_TH.dtype)
+            return y.to(x_TH.device, x_TH.dtype, copy=True)
         finally:
             self._free.append((session, buffers))
 

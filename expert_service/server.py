@@ -21,6 +21,7 @@ from expert_service import shared
 from expert_service.experts import ExpertShard
 from moe.v1 import common_pb2, expert_pb2
 from moe_core.codec import FLOAT_DTYPES, TAGS, WireError, check_finite, decode, encode
+from moe_core.staging import Staging
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,16 @@ class ExpertServicer:
         self.served = frozenset(shard.weights)
         self.max_elements = max_message_bytes // 2  # the smallest wire itemsize is 2 bytes
         self.work_per_row = self.hidden_size * w1_IH.shape[0]  # H * I multiply-adds per matmul
-        self.inline_below = inline_below
+        # On a GPU the kernels run asynchronously anyway; a worker thread only added host<->device
+        # copies from another thread, measured at ~350 ms per call on an H200 (vs 7 ms inline).
+        self.inline_below = float("inf") if self.device.type == "cuda" else inline_below
         self._pool = ThreadPoolExecutor(1, "expert-compute")
         self.calls = self.rows = self.in_flight = 0
         # Load signals for autoscaling: rows inside Forward now, and seconds spent in Forward
         # summed over calls (its rate is the time-averaged number of calls in flight).
         self.rows_in_flight, self.busy_s = 0, 0.0
         self.sessions: dict[str, shared.Buffers] = {}  # same-node clients' shared buffers
+        self.staging = Staging()  # pinned host buffer for GPU copies (used on the loop thread only)
 
     def _parse(self, request: expert_pb2.ForwardRequest) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
         if len(request.segments) > MAX_SEGMENTS:
@@ -104,10 +108,11 @@ class ExpertServicer:
         return x_TH, segments
 
     def _compute(self, x_TH: torch.Tensor, segments, session: str = "") -> common_pb2.Tensor | None:
-        y_TH = self.shard.forward(x_TH.to(self.device, self.dtype), segments)
+        y_TH = self.shard.forward(self.staging.to_device(x_TH, self.device, self.dtype), segments)
         if not session:
-            return encode(y_TH.to("cpu", x_TH.dtype))
-        self.sessions[session].y[:y_TH.shape[0]].copy_(y_TH)
+            return encode(self.staging.to_host(y_TH.to(x_TH.dtype)))
+        out = self.sessions[session].y[:y_TH.shape[0]]
+        out.copy_(y_TH if out.is_cuda else self.staging.to_host(y_TH))
         if y_TH.is_cuda:  # the client reads the output buffer as soon as the reply arrives
             torch.cuda.current_stream(y_TH.device).synchronize()
         return None
