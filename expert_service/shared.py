@@ -107,5 +107,5 @@ def _open_cuda(blob: bytes, dtype: torch.dtype) -> torch.Tensor:
         raise SharedError("CUDA IPC descriptor must have 8 fields")
     torch.cuda._lazy_init()
     storage = torch.UntypedStorage._new_shared_cuda(*fields)
-    return torch.empty(0, dtype=dtype, device=f"cuda:{fields[0]}").set_(
-        storage, 0, (fields[2] // dtype.itemsize,), (1,))
+    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+    return torch._utils._rebuild_tensor(typed, 0, (fields[2] // dtype.itemsize,), (1,))
