@@ -1,33 +1,74 @@
-"""`make demo`: generate from the model and show it streaming, with the experts each token used."""
+"""`make demo`: bring the cluster up, stream a few generations through the gateway, print how many
+tokens each expert got, and bring it down again (`--local` runs the same in this process)."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 
 from moe_core.tokenizer import load_tokenizer
-from router_service.engine import local_engine
 from router_service.sampling import SamplingParams
 
 PROMPTS = ["The quick brown fox", "A mixture of experts", "Hello, world!"]
+PARAMS = SamplingParams(max_new_tokens=16, temperature=0.8, seed=0)
 
 
-async def _demo(model_dir: str):
-    engine = local_engine(model_dir)
-    tok = load_tokenizer(model_dir)
-    for text in PROMPTS:
-        ids = tok.encode(text).ids
-        print(f"\nprompt: {text!r} -> {ids}")
-        async for token, reason in engine.generate(ids, SamplingParams(max_new_tokens=16, temperature=0.8, seed=0)):
-            print(f"  token {token:4d} {tok.decode([token])!r}" + (f"  [{reason}]" if reason else ""), flush=True)
+def _show(prompt, stream):
+    print(f"\nprompt: {prompt!r}\n  ", end="", flush=True)
+    for text, reason in stream:
+        print(text, end="", flush=True)
+    print(f"  [{reason}]")
+
+
+def _counts(rows, replicas=None):
     print("\ntokens routed per expert (rows: layers):")
-    for layer, row in enumerate(engine.stats.counts):
-        print(f"  layer {layer}: " + " ".join(f"{n:4d}" for n in row))
+    for layer, row in enumerate(rows):
+        print(f"  layer {layer}: " + " ".join(f"{n:5d}" for n in row))
+    if replicas:
+        print("replicas per expert deployment: " + ", ".join(f"{k}={v}" for k, v in replicas.items()))
+
+
+def remote(model: str, port: int):
+    from moe.v1 import gateway_pb2_grpc
+    from router_service import client
+    from router_service.launcher import down, up
+
+    print("starting a local Ray cluster and deploying (about a minute on a small machine)...", flush=True)
+    try:
+        info = up(model=model, port=port)
+        print(f"gateway healthy at {info['address']}")
+        stub = gateway_pb2_grpc.GatewayStub(client.channel(info["address"]))
+        for prompt in PROMPTS:
+            chunks = stub.Generate(client.request(None, prompt, PARAMS), timeout=120)
+            _show(prompt, ((c.text, c.finish_reason) for c in chunks))
+        s = client.stats(info["address"])
+        _counts([list(layer.tokens_per_expert) for layer in s.layers], {d.name: d.replicas for d in s.deployments})
+    finally:
+        print("\nshutting down:", down())
+
+
+def local(model: str):
+    from router_service.engine import local_engine
+
+    engine, tok = local_engine(model), load_tokenizer(model)
+
+    async def stream(ids):
+        async for token, reason in engine.generate(ids, PARAMS):
+            yield tok.decode([token]), reason
+
+    for prompt in PROMPTS:
+        async def collect():
+            return [item async for item in stream(tok.encode(prompt).ids)]
+        _show(prompt, asyncio.run(collect()))
+    _counts(engine.stats.counts.tolist())
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True)
-    asyncio.run(_demo(p.parse_args().model))
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--local", action="store_true", help="everything in this process, no Ray")
+    a = p.parse_args()
+    local(a.model) if a.local else remote(a.model, a.port)
 
 
 if __name__ == "__main__":

@@ -131,3 +131,25 @@ def test_invalid_requests_get_clear_codes(app):
                 call(gateway_pb2.GenerateRequest(**kw), timeout=30)
             assert e.value.code() == code and words in e.value.details()
             assert "Traceback" not in e.value.details()
+
+
+def test_reflection_lists_and_calls_gateway_without_protos(app):
+    """What grpcurl does: discover the service and its messages from the server, then call it."""
+    from google.protobuf import descriptor_pool, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(app) as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        services = set(db.get_services())
+        assert {"moe.v1.Gateway", "grpc.health.v1.Health"} <= services
+        pool = descriptor_pool.DescriptorPool(db)  # a pool fed only by reflection, not by our stubs
+        method = pool.FindMethodByName("moe.v1.Gateway.Complete")
+        Request = message_factory.GetMessageClass(method.input_type)
+        Reply = message_factory.GetMessageClass(method.output_type)
+        call = ch.unary_unary("/moe.v1.Gateway/Complete", request_serializer=Request.SerializeToString,
+                              response_deserializer=Reply.FromString)
+        req = Request()
+        req.prompt_token_ids.extend([1, 2, 3])
+        req.sampling.max_new_tokens = 3
+        reply = call(req, timeout=30)
+        assert len(reply.token_ids) == 3 and reply.prompt_tokens == 3
