@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# MOE_BENCH_RESULTS redirects results (the tests write theirs to a temporary directory).
+RESULTS = Path(os.environ.get("MOE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict:
@@ -48,17 +49,24 @@ def iters_for(ms_estimate: float, budget_s: float = 3.0, lo: int = 3, hi: int = 
 
 
 def save(name: str, rows: list[dict], meta: dict, columns: list[str]) -> Path:
+    """Writes results/<name>.json; a name like `moe_layer__shm` is a variant of `moe_layer` (report.py
+    shows it before/after). meta["tables"] may hold more [{"title", "columns", "rows"}] to show."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **meta, "rows": rows}, indent=2))
+    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **meta, "columns": columns,
+                                "rows": rows}, indent=2))
     print(table(rows, columns))
+    for t in meta.get("tables", []):
+        print(f"\n{t['title']}\n\n{table(t['rows'], t['columns'])}")
     print(f"\nwrote {path}")
     return path
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"  # 1234, not 1.23e+03
+        return str(v)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
@@ -98,6 +106,20 @@ class ExpertServers:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def keep_large_buffers(limit: int = 1 << 30) -> bool:
+    """glibc serves every allocation above 32 MB (its dynamic mmap threshold cap) with a fresh mmap
+    and returns it on free, so each multi-MB payload copy also page-faults its whole destination in:
+    measured here, 64 MB copies ran 10-30x slower than a memcpy into a reused buffer. Raising the
+    mmap and trim thresholds keeps such buffers in the heap for reuse. False where not glibc."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(M_TRIM_THRESHOLD, limit))
 
 
 def run(coro):

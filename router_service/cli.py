@@ -120,7 +120,7 @@ def cmd_stats(a):
 
 # Modules that add subcommands of their own: each has `add_parser(sub)` setting `fn` as a default,
 # and keeps heavy imports inside its functions so that `moe-serve --help` stays quick.
-COMMAND_MODULES = []
+COMMAND_MODULES = ["router_service.record", "router_service.simulate", "router_service.plan_cmd", "router_service.load_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

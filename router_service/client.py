@@ -1,5 +1,11 @@
-"""A small client for the gateway: what the CLI's remote commands and the tests call."""
+"""A small client for the gateway: what the CLI's remote commands and the tests call.
+
+TLS and bearer tokens: pass `ca` / `token` to `channel`, or set MOE_SERVE_TLS_CA (PEM file of the
+CA that signed the gateway's certificate; the address is then the TLS port) and MOE_SERVE_TOKEN.
+"""
 from __future__ import annotations
+
+import os
 
 import grpc
 import numpy as np
@@ -7,14 +13,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe.v1 import gateway_pb2, gateway_pb2_grpc
 from moe_core.codec import decode
+from router_service import security
 
 MAX_MESSAGE_BYTES = 512 << 20  # Score replies are [T, vocab] float32: 64 MB at 512 x 32000
 OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=OPTIONS)
+def channel(address: str, *, ca: str | None = None, token: str | None = None) -> grpc.Channel:
+    """None: from the environment; "": none."""
+    ca = os.environ.get(security.TLS_CA_ENV) if ca is None else ca
+    token = os.environ.get(security.TOKEN_ENV) if token is None else token
+    return security.client_channel(address, OPTIONS, ca=ca or None, token=token or None)
 
 
 def request(prompt_ids=None, prompt=None, params=None) -> gateway_pb2.GenerateRequest:
@@ -52,9 +62,9 @@ def stats(address, *, timeout=30.0) -> gateway_pb2.StatsReply:
         return gateway_pb2_grpc.GatewayStub(ch).Stats(gateway_pb2.StatsRequest(), timeout=timeout)
 
 
-def healthy(address, *, timeout=5.0) -> bool:
+def healthy(address, *, timeout=5.0, ca=None, token=None) -> bool:
     try:
-        with channel(address) as ch:
+        with channel(address, ca=ca, token=token) as ch:
             r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         return r.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:

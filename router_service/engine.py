@@ -65,6 +65,10 @@ class Engine:
         self.finished = 0
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self._step_task: asyncio.Task | None = None
+        self._batch: list[_Sequence] = []
+        self._abandoned = False
+        self.steps_cancelled = 0
 
     # -- public API ------------------------------------------------------------------
 
@@ -80,7 +84,7 @@ class Engine:
                 if item[1] is not None:
                     return
         finally:
-            seq.done = True  # a consumer that stops early (cancelled stream) frees its slot
+            self._drop(seq)  # a consumer that stops early (cancelled stream) frees its slot
 
     async def complete(self, prompt: list[int], params: SamplingParams,
                        deadline: float | None = None) -> tuple[list[int], str]:
@@ -95,7 +99,7 @@ class Engine:
         try:
             item = await seq.out.get()
         finally:
-            seq.done = True
+            self._drop(seq)
         if isinstance(item, BaseException):
             raise item
         return item
@@ -115,8 +119,12 @@ class Engine:
 
     def _submit(self, prompt, params, capacity, deadline) -> _Sequence:
         self.check_prompt(prompt, params.max_new_tokens if params else 0)
-        if len(self.waiting) >= self.max_queued:
-            raise Overloaded(f"{len(self.waiting)} requests already queued (limit {self.max_queued})")
+        # Counted whole rather than by queue length: a burst that arrives before the loop admits
+        # anyone must meet the same limit as one that arrives while it runs.
+        live = sum(not s.done for s in itertools.chain(self.running, self.waiting))
+        if live >= self.max_running + self.max_queued:
+            raise Overloaded(f"{live} requests in flight or queued "
+                             f"(limits: {self.max_running} running + {self.max_queued} queued)")
         seq = _Sequence(list(prompt), params, asyncio.Queue(), model.KVCache(self.cfg, capacity), len(prompt),
                         params.generator() if params else None, deadline)
         self.waiting.append(seq)
@@ -143,8 +151,16 @@ class Engine:
             deadlines = [s.deadline for s in batch]
             # The step serves everyone in it, so it may run until the latest deadline among them.
             token = STEP_DEADLINE.set(None if None in deadlines else max(deadlines))
+            # A task of its own, so that `_drop` can cancel it (and its expert calls) once every
+            # sequence in it has been given up.
+            self._batch, self._abandoned = batch, False
+            self._step_task = asyncio.get_running_loop().create_task(self._step(batch))
             try:
-                await self._step(batch)
+                await self._step_task
+            except asyncio.CancelledError:
+                if not self._abandoned:  # the loop itself is being stopped
+                    raise
+                self.steps_cancelled += 1
             except Exception as e:  # the step's sequences fail together; others carry on
                 for s in batch:
                     if not s.done:
@@ -152,6 +168,15 @@ class Engine:
                         s.out.put_nowait(e)
             finally:
                 STEP_DEADLINE.reset(token)
+                self._batch, self._step_task = [], None
+
+    def _drop(self, seq: _Sequence) -> None:
+        seq.done = True
+        step = self._step_task
+        if step is not None and not step.done() and any(s is seq for s in self._batch) \
+                and all(s.done for s in self._batch):
+            self._abandoned = True
+            step.cancel()
 
     def _expire(self):
         now = time.monotonic()
@@ -201,7 +226,12 @@ class Engine:
                 s.out.put_nowait(model.logits(self.weights, h_TH[end - seg.length:end]).float())
                 self._finish(s)
                 continue
-            tok = sample(model.logits(self.weights, h_TH[end - 1]), s.params, s.generator)
+            try:
+                tok = sample(model.logits(self.weights, h_TH[end - 1]), s.params, s.generator)
+            except Exception as e:  # one sequence's sampling fault must not fail its neighbours
+                s.done = True
+                s.out.put_nowait(e)
+                continue
             s.tokens.append(tok)
             s.n_new += 1
             reason = None

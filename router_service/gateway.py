@@ -1,7 +1,12 @@
 """The gateway: Ray Serve's gRPC ingress for `moe.v1.Gateway` (plus grpc.health.v1).
 
-Thin by design: validate, tokenize, call the router deployment, encode the reply. Every error a
-caller can cause becomes a status code with a one-line message; nothing else leaks.
+Thin by design: authenticate, validate, tokenize, call the router deployment, encode the reply.
+Every error a caller can cause becomes a status code with a one-line message; nothing else leaks.
+
+Requests reach the deployment as the raw bytes the caller sent (`add_servicers` registers the
+services without a request deserializer): gRPC would otherwise parse them inside Serve's proxy and
+answer a corrupt message with UNKNOWN; here it is INVALID_ARGUMENT, and an oversized one is refused
+before it is parsed.
 """
 from __future__ import annotations
 
@@ -9,45 +14,80 @@ import asyncio
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from moe.v1 import gateway_pb2
 from moe_core.codec import encode
 from moe_core.config import MoEConfig
 from moe_core.tokenizer import load_tokenizer
-from router_service import validation
+from router_service import security, validation
 from router_service.engine import Overloaded
 from router_service.grpc_dispatch import ExpertsUnavailable
 from router_service.validation import RequestError
 
 log = logging.getLogger("ray.serve")
 
-SERVICER_FUNCTIONS = [
-    "moe.v1.gateway_pb2_grpc.add_GatewayServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
+SERVICER_FUNCTIONS = ["router_service.gateway.add_servicers", "router_service.security.serve_tls"]
+# What earlier configs listed; registering them beside add_servicers would register the services twice.
+GENERATED_SERVICER_FUNCTIONS = ["moe.v1.gateway_pb2_grpc.add_GatewayServicer_to_server",
+                                "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
+
+
+def add_servicers(servicer, server) -> None:
+    """A `grpc_servicer_functions` entry: moe.v1.Gateway and grpc.health.v1.Health, requests as bytes."""
+    services = {
+        "moe.v1.Gateway": {"Generate": grpc.unary_stream_rpc_method_handler,
+                           "Complete": grpc.unary_unary_rpc_method_handler,
+                           "Score": grpc.unary_unary_rpc_method_handler,
+                           "Stats": grpc.unary_unary_rpc_method_handler},
+        "grpc.health.v1.Health": {"Check": grpc.unary_unary_rpc_method_handler,
+                                  "Watch": grpc.unary_stream_rpc_method_handler},
+    }
+    for service, methods in services.items():
+        handlers = {name: make(getattr(servicer, name)) for name, make in methods.items()}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        if hasattr(server, "add_registered_method_handlers"):
+            server.add_registered_method_handlers(service, handlers)
+
+
+class RouterUnavailable(RuntimeError):
+    """No router replica took the call in time (dead, restarting, or not deployed)."""
+
+
+def _cause(e: BaseException) -> BaseException:
+    """Ray re-raises a router's exception as a RayTaskError subclass of the cause's class whose
+    str() carries the remote traceback; the cause itself has just the message."""
+    while isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None and e.cause is not e:
+        e = e.cause
+    return e
 
 
 def _status(e: BaseException) -> tuple[grpc.StatusCode, str]:
     """Maps what can go wrong behind the gateway to what the caller is told."""
+    e = _cause(e)
     if isinstance(e, RequestError):
         return e.code, e.message
+    if isinstance(e, ValueError):  # the engine's own request checks (the gateway's come first)
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {e}"
-    if isinstance(e, (TimeoutError, asyncio.TimeoutError)):
+    if isinstance(e, BackPressureError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "server overloaded: too many requests queued"
+    if isinstance(e, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
-    if isinstance(e, ExpertsUnavailable):
+    if isinstance(e, (ExpertsUnavailable, RouterUnavailable)):
         return grpc.StatusCode.UNAVAILABLE, str(e)
-    # Ray re-raises a router's exception as an instance of its cause's class, so the checks above
-    # catch those; what is left is Ray itself failing to reach the router.
-    if isinstance(e, (RayActorError, ActorUnavailableError, DeploymentUnavailableError, BackPressureError)):
-        return grpc.StatusCode.UNAVAILABLE, "router unavailable, retry shortly"
-    log.error("unexpected error behind the gateway: %r", e)
-    return grpc.StatusCode.UNAVAILABLE, "service temporarily unavailable"
+    if isinstance(e, (asyncio.CancelledError, RequestCancelledError)):
+        return grpc.StatusCode.CANCELLED, "request cancelled"
+    # What is left is Ray failing to reach the router, or a fault of ours: logged, never shown.
+    if not isinstance(e, (RayActorError, ActorUnavailableError, DeploymentUnavailableError)):
+        log.error("unexpected error behind the gateway: %r", e)
+    return grpc.StatusCode.UNAVAILABLE, "router unavailable, retry shortly"
 
 
 class _Fail(Exception):
@@ -63,11 +103,31 @@ def _fail(ctx, e: BaseException):
 
 @serve.deployment(max_ongoing_requests=2048, health_check_period_s=2)
 class Gateway:
-    def __init__(self, router: DeploymentHandle, model_dir: str, request_timeout_s: float = 300.0):
+    def __init__(self, router: DeploymentHandle, model_dir: str, request_timeout_s: float = 300.0, *,
+                 max_request_bytes: int = validation.MAX_REQUEST_BYTES, router_wait_s: float = 30.0,
+                 auth_token_file: str | None = None, require_tls: bool = False):
         self.router = router
         self.cfg = MoEConfig.from_dir(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
-        self.timeout_s = request_timeout_s
+        self.timeout_s, self.router_wait_s = request_timeout_s, router_wait_s
+        self.max_request_bytes = max_request_bytes
+        self.tokens = security.load_tokens(auth_token_file)
+        self.require_tls = require_tls
+        self.router_replicas: int | None = None  # unknown until the watcher's first look
+        self._watcher: asyncio.Task | None = None
+        log.info("gateway: bearer tokens %s, TLS %s", "required" if self.tokens else "off",
+                 "required" if require_tls else "optional")
+
+    def _admit(self, data, cls, grpc_context):
+        """Caller checks, then the request message: bytes from the proxy, a message from a handle."""
+        if self.require_tls and not security.used_tls(grpc_context):
+            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "this gateway accepts TLS connections only")
+        why = security.check_bearer(grpc_context.invocation_metadata(), self.tokens)
+        if why:
+            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, why)
+        if not isinstance(data, (bytes, bytearray)):
+            return data
+        return validation.parse(bytes(data), cls, self.max_request_bytes)
 
     def _parse(self, request):
         ids = validation.prompt_ids(request, self.cfg, self.tokenizer)
@@ -77,52 +137,114 @@ class Gateway:
     def _text(self, ids) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
-    async def Generate(self, request: gateway_pb2.GenerateRequest, grpc_context):
+    async def _watch_router(self):
+        """Keeps `router_replicas` (running router replicas, as Serve's controller sees them) fresh."""
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+                app = status.applications[self.router.app_name]
+                self.router_replicas = app.deployments[self.router.deployment_name].replica_states.get("RUNNING", 0)
+            except Exception as e:  # the controller may be restarting: keep the last answer
+                log.debug("router status unavailable: %r", e)
+            await asyncio.sleep(1.0)
+
+    async def _taken(self, response, wait_s: float | None = None):
+        """Waits until a router replica has taken the call. With none running (dead, restarting),
+        Serve would hold the call until a new one is up, minutes for a big model: fail at once with
+        UNAVAILABLE instead, so callers can go elsewhere or retry. router_wait_s bounds the wait in any
+        case; under load taking a call can legitimately take seconds, so it is generous."""
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_router())
+        to_ref = response._to_object_ref_gen if isinstance(response, DeploymentResponseGenerator) else response._to_object_ref
+        taken = asyncio.ensure_future(to_ref())
+        deadline = asyncio.get_running_loop().time() + (wait_s or self.router_wait_s)
         try:
-            ids, params = self._parse(request)
-            stream = self.router.options(stream=True).generate.remote(ids, params.__dict__, self.timeout_s)
+            while not taken.done():
+                left = deadline - asyncio.get_running_loop().time()
+                if self.router_replicas == 0 or left <= 0:
+                    raise RouterUnavailable("router unavailable (no running replica), retry shortly")
+                await asyncio.wait({taken}, timeout=min(0.25, left))
+            taken.result()
+        except BaseException:
+            taken.cancel()
+            response.cancel()
+            raise
+        return response
+
+    async def _generate(self, request):
+        ids, params = self._parse(request)
+        stream = self.router.options(stream=True).generate.remote(ids, params.__dict__, self.timeout_s)
+        try:
+            await self._taken(stream)
             async for token, reason in stream:
+                yield ids, token, reason
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller went away (cancelled, past its deadline, disconnected) and Serve cancelled
+            # this call; Ray does not pass that on to the router's call, so stop it here: the engine
+            # then drops the sequence and, if it was alone in its step, the step's expert calls.
+            stream.cancel()
+            raise
+
+    async def _unary(self, response):
+        try:
+            return await (await self._taken(response))
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+
+    async def Generate(self, request, grpc_context):
+        try:
+            request = self._admit(request, gateway_pb2.GenerateRequest, grpc_context)
+            async for _, token, reason in self._generate(request):
                 yield gateway_pb2.GenerateChunk(token_ids=[token], text=self._text([token]), finish_reason=reason or "")
         except Exception as e:
             _fail(grpc_context, e)
 
-    async def Complete(self, request: gateway_pb2.GenerateRequest, grpc_context) -> gateway_pb2.GenerateReply:
+    async def Complete(self, request, grpc_context) -> gateway_pb2.GenerateReply:
         try:
-            ids, params = self._parse(request)
-            tokens, reason = [], ""
-            async for token, reason in self.router.options(stream=True).generate.remote(ids, params.__dict__, self.timeout_s):
+            request = self._admit(request, gateway_pb2.GenerateRequest, grpc_context)
+            ids, tokens, reason = [], [], ""
+            async for ids, token, reason in self._generate(request):
                 tokens.append(token)
             return gateway_pb2.GenerateReply(token_ids=tokens, text=self._text(tokens), finish_reason=reason,
                                              prompt_tokens=len(ids))
         except Exception as e:
             _fail(grpc_context, e)
 
-    async def Score(self, request: gateway_pb2.ScoreRequest, grpc_context) -> gateway_pb2.ScoreReply:
+    async def Score(self, request, grpc_context) -> gateway_pb2.ScoreReply:
         try:
+            request = self._admit(request, gateway_pb2.ScoreRequest, grpc_context)
             ids = validation.check_token_ids(request.token_ids, self.cfg, "token_ids")
-            logits = await self.router.score.remote(ids, self.timeout_s)
+            logits = await self._unary(self.router.score.remote(ids, self.timeout_s))
             return gateway_pb2.ScoreReply(logits=encode(logits))
         except Exception as e:
             _fail(grpc_context, e)
 
-    async def Stats(self, request: gateway_pb2.StatsRequest, grpc_context) -> gateway_pb2.StatsReply:
+    async def Stats(self, request, grpc_context) -> gateway_pb2.StatsReply:
         try:
-            s = await self.router.stats.remote()
+            self._admit(request, gateway_pb2.StatsRequest, grpc_context)
+            s = await self._unary(self.router.stats.remote())
         except Exception as e:
             _fail(grpc_context, e)
         return stats_reply(s)
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
-        """grpc.health.v1: SERVING once every expert shard has a live replica."""
+    async def Check(self, request, grpc_context) -> health_pb2.HealthCheckResponse:
+        """grpc.health.v1: SERVING once every expert shard has a live replica. Needs no token (probes
+        send none) and tells nothing but SERVING or not."""
         try:
-            ready = await self.router.ready.remote()
+            if isinstance(request, (bytes, bytearray)):
+                validation.parse(bytes(request), health_pb2.HealthCheckRequest, self.max_request_bytes)
+        except Exception as e:
+            _fail(grpc_context, e)
+        try:
+            ready = await (await self._taken(self.router.ready.remote(), min(self.router_wait_s, 4.0)))
         except Exception:
             ready = {"router": 0}
         serving = all(n > 0 for n in ready.values())
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context):
+    async def Watch(self, request, grpc_context):
         yield await self.Check(request, grpc_context)
 
 

@@ -10,17 +10,35 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import grpc
 import torch
 
 from expert_service.client import ExpertClient
+from expert_service.server import CHANNEL_OPTIONS
+from moe_core.codec import DTYPES
 from router_service.dispatch import STEP_DEADLINE, gather_rows, scatter_rows, split_by_shard
 
 log = logging.getLogger(__name__)
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+
+# A replica whose process dies closes its sockets and calls fail at once; one whose node vanishes
+# (or that stops reading) would hold a call until its deadline. These bound that: a connection
+# attempt gives up after 2 s (gRPC's default is 20 s), and a connection with calls in flight that
+# stops answering keepalive pings is closed after 10 + 5 s; either way the call fails UNAVAILABLE
+# and is retried on another replica. Pings go only while calls are in flight and at most two
+# without data, within what servers accept by default.
+EXPERT_CHANNEL_OPTIONS = CHANNEL_OPTIONS + [
+    ("grpc.min_reconnect_backoff_ms", 2000),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+]
 
 
 class ExpertsUnavailable(RuntimeError):
@@ -40,18 +58,23 @@ class GrpcDispatcher:
 
     def __init__(self, shard_of: dict[tuple[int, int], str], lookup, forget=None, *,
                  call_timeout_s: float = 30.0, refresh_s: float = 1.0, wire_dtype: str | None = None,
-                 credentials: grpc.ChannelCredentials | None = None):
+                 credentials: grpc.ChannelCredentials | None = None, channel_options=(),
+                 shared: str | None = None, local_hosts: frozenset[str] = frozenset({"127.0.0.1", "localhost"})):
         self.shard_of, self.lookup, self.forget = shard_of, lookup, forget
         self.call_timeout_s, self.refresh_s, self.wire_dtype = call_timeout_s, refresh_s, wire_dtype
         self.credentials = credentials
+        # Replicas on one of these hosts get tensors through shared buffers ("shm"/"cuda_ipc").
+        self.shared, self.local_hosts = shared, local_hosts
+        self.channel_options = EXPERT_CHANNEL_OPTIONS + list(channel_options)
         self.replicas: dict[str, list[_Replica]] = {}
         self._clients: dict[str, ExpertClient] = {}
         self._refreshed = 0.0
         self._refreshing: asyncio.Lock | None = None
         self.calls = 0
         self.retries = 0
-        self.bytes_out = 0
+        self.bytes_out = 0  # tensor payload bytes sent to / received from experts
         self.bytes_in = 0
+        self.latencies: deque[tuple[str, float]] = deque(maxlen=1 << 16)  # (shard, s); metrics drain it
 
     async def refresh(self, force: bool = False) -> None:
         if self._refreshing is None:
@@ -71,7 +94,9 @@ class GrpcDispatcher:
 
     def _client(self, address: str) -> ExpertClient:
         if address not in self._clients:
-            self._clients[address] = ExpertClient(address, credentials=self.credentials)
+            local = address.rsplit(":", 1)[0] in self.local_hosts
+            self._clients[address] = ExpertClient(address, options=self.channel_options, credentials=self.credentials,
+                                                  shared=self.shared if local else None)
         return self._clients[address]
 
     def _pick(self, shard: str) -> _Replica | None:
@@ -109,8 +134,14 @@ class GrpcDispatcher:
             replica.outstanding += 1
             self.calls += 1
             try:
-                return await replica.client.forward(x_nH, segments, timeout=min(remaining, self.call_timeout_s),
+                started = time.perf_counter()
+                y_nH = await replica.client.forward(x_nH, segments, timeout=min(remaining, self.call_timeout_s),
                                                     wire_dtype=self.wire_dtype)
+                self.latencies.append((shard, time.perf_counter() - started))
+                nbytes = x_nH.numel() * (DTYPES[self.wire_dtype].itemsize if self.wire_dtype else x_nH.element_size())
+                self.bytes_out += nbytes
+                self.bytes_in += nbytes  # the reply has the request's shape and wire dtype
+                return y_nH
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise TimeoutError(f"expert shard {shard} did not answer within the deadline") from None

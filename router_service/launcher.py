@@ -16,7 +16,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from expert_service.directory import NAMESPACE, kill_directory
 from router_service import client
-from router_service.gateway import SERVICER_FUNCTIONS
+from router_service.gateway import GENERATED_SERVICER_FUNCTIONS, SERVICER_FUNCTIONS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "serve.yaml"
 STATE_FILE = Path(os.environ.get("MOE_SERVE_STATE", Path.home() / ".cache" / "moe-serve" / "state.json"))
@@ -37,7 +37,8 @@ def load_config(path: str | Path | None = None, *, model: str | None = None, por
     if not (Path(app["args"]["model"]) / "config.json").is_file():
         raise FileNotFoundError(f"model directory {app['args']['model']} has no config.json")
     grpc = cfg.setdefault("grpc_options", {})
-    grpc["grpc_servicer_functions"] = sorted(set(grpc.get("grpc_servicer_functions", [])) | set(SERVICER_FUNCTIONS))
+    listed = set(grpc.get("grpc_servicer_functions", [])) - set(GENERATED_SERVICER_FUNCTIONS)
+    grpc["grpc_servicer_functions"] = sorted(listed | set(SERVICER_FUNCTIONS))
     if port is not None:
         grpc["port"] = port
     grpc.setdefault("port", 9000)
@@ -57,10 +58,12 @@ def deploy(cfg: dict, *, wait_s: float = 300.0) -> str:
 
 def wait_healthy(address: str, wait_s: float) -> None:
     deadline = time.monotonic() + wait_s
-    while not client.healthy(address):
-        if time.monotonic() > deadline:
-            status = serve.status().applications
-            raise TimeoutError(f"gateway at {address} not healthy after {wait_s:.0f}s; Serve says: "
+    while not client.healthy(address, ca="", token=""):  # the plaintext port; health needs no token
+        status = serve.status().applications
+        failed = any(a.status == "DEPLOY_FAILED" for a in status.values())
+        if failed or time.monotonic() > deadline:  # a failed deploy does not heal itself: say so now
+            why = "deploy failed" if failed else f"not healthy after {wait_s:.0f}s"
+            raise TimeoutError(f"gateway at {address}: {why}; Serve says: "
                                + "; ".join(f"{n}: {a.status} {a.message}" for n, a in status.items()))
         time.sleep(0.5)
 

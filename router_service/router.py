@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import time
 
+import ray
 import torch
 from ray import serve
 
 from expert_service.directory import DEFAULT_NAME, get_directory
 from moe_core.checkpoint import Checkpoint
-from router_service import model
+from router_service import model, security
 from router_service.engine import Engine
 from router_service.grpc_dispatch import GrpcDispatcher
 from router_service.handle_dispatch import HandleDispatcher
+from router_service.metrics import RouterMetrics
 from router_service.sampling import SamplingParams
 
 log = logging.getLogger("ray.serve")
@@ -23,7 +25,9 @@ log = logging.getLogger("ray.serve")
 class Router:
     def __init__(self, model_dir: str, shards: dict[str, list], directory: str = DEFAULT_NAME, *,
                  experts: list | None = None, max_running: int = 64, max_queued: int = 256, expert_timeout_s: float = 30.0,
-                 wire_dtype: str | None = None, transport: str = "grpc", micro_batches: int = 1):
+                 wire_dtype: str | None = None, transport: str = "grpc", micro_batches: int = 1,
+                 shared_memory: str = "",
+                 expert_tls: dict | None = None):
         ckpt = Checkpoint(model_dir)
         self.cfg = ckpt.config
         self.shards = shards
@@ -40,7 +44,11 @@ class Router:
             await self.directory.forget.remote(address)
 
         self.dispatcher = GrpcDispatcher(shard_of, lookup, forget, call_timeout_s=expert_timeout_s,
-                                         wire_dtype=wire_dtype)
+                                         wire_dtype=wire_dtype,
+                                         credentials=security.expert_channel_credentials(expert_tls),
+                                         channel_options=security.expert_channel_options(expert_tls),
+                                         shared=shared_memory or None,
+                                         local_hosts=frozenset({"127.0.0.1", ray.util.get_node_ip_address()}))
         if transport not in ("grpc", "handle"):
             raise ValueError(f"transport must be 'grpc' or 'handle', got {transport!r}")
         # "handle" sends expert calls through Serve handles instead (the Ray-native baseline); the gRPC
@@ -49,13 +57,16 @@ class Router:
                              else HandleDispatcher(shard_of, self.expert_handles))
         self.engine = Engine(self.cfg, model.DenseWeights.load(ckpt), engine_dispatcher,
                              max_running=max_running, max_queued=max_queued, micro_batches=micro_batches)
+        self.metrics = RouterMetrics(self.engine)  # Prometheus, flushed once a second off the step path
 
     async def generate(self, prompt: list[int], params: dict, timeout_s: float | None = None):
         """Streams (token_id, finish_reason) pairs."""
+        self.metrics.start()
         async for item in self.engine.generate(prompt, SamplingParams(**params), _deadline(timeout_s)):
             yield item
 
     async def score(self, tokens: list[int], timeout_s: float | None = None) -> torch.Tensor:
+        self.metrics.start()
         return await self.engine.score(tokens, _deadline(timeout_s))
 
     async def ready(self) -> dict[str, int]:
@@ -66,7 +77,8 @@ class Router:
     async def stats(self) -> dict:
         replicas = await self.ready()
         return {"counts": self.engine.stats.counts.tolist(), "tokens": self.engine.stats.tokens,
-                "finished": self.engine.finished, **self.engine.load,
+                "finished": self.engine.finished, **self.engine.load, "steps_cancelled": self.engine.steps_cancelled,
+                "expert_calls": self.dispatcher.calls, "expert_retries": self.dispatcher.retries,
                 "shards": {n: [list(p) for p in pairs] for n, pairs in self.shards.items()},
                 "replicas": replicas, "top_k": self.cfg.top_k}
 

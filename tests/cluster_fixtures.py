@@ -21,8 +21,17 @@ def free_port() -> int:
 def running_app(model_dir, *, num_cpus=16, num_gpus=0, config=None, edit=None, **app_args):
     """ray.init (logical CPUs: replicas reserve none, but Serve's own actors want some), deploy, yield
     the gateway address; shut everything down afterwards, whatever happened."""
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=NAMESPACE, include_dashboard=False,
-             log_to_driver=False)
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=NAMESPACE, include_dashboard=False,
+                     log_to_driver=False)
+            break
+        except Exception as e:
+            # On a loaded two-core machine Ray's metrics agent can take longer to start than the
+            # raylet waits for it (about 15 s, not configurable); the raylet then aborts. Try again.
+            ray.shutdown()
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
     try:
         cfg = load_config(config, model=str(model_dir), port=free_port(), **app_args)
         if edit is not None:

@@ -1,0 +1,223 @@
+"""Question: how fast does the served app generate, next to transformers on the same checkpoint?
+
+The `bench` preset (written to models/bench on first use, ~850 MB float32). transformers
+`MixtralForCausalLM.generate` runs first, at batch 1, 8 and 32 (greedy, exactly --new-tokens
+new tokens, EOS ignored), with whichever of its expert implementations (eager loop, grouped_mm)
+was faster in an untimed warm-up at that batch size; its model is then freed. Then a real Ray
+cluster comes up in this process with the app deployed (gateway, router, one deployment per
+expert) and 1, 8, 32 streaming `Generate` calls go to the gateway at once over grpc.aio, with the
+same prompts (greedy), after an untimed warm-up round; each token is timestamped on arrival.
+
+tokens/s = new tokens of all requests / wall time from sending to the last token (prefill
+included, as in `generate`). TPOT = gap between consecutive tokens of one request (p50, p99 over
+all gaps); TTFT = time to a request's first token; transformers' TPOT is the gap between its
+decode steps. `ratio` = our tokens/s over transformers' at the same batch size; `match` = share of
+our requests whose tokens equal transformers' (up to our EOS, where ours stops).
+
+    python -m benchmarks.e2e [--concurrency 1,8,32] [--new-tokens 64] [--prompt-len 64]
+                             [--transport grpc|handle] [--micro-batches N] [--name e2e__VARIANT]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import save
+from moe_core.config import MoEConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "models" / "bench"
+
+
+def ensure_model(model_dir: Path, preset_name: str = "bench", seed: int = 0) -> Path:
+    """The preset's checkpoint as `moe-serve init-model` writes it, written once and reused."""
+    if not (model_dir / "config.json").is_file():
+        from moe_core.checkpoint import random_weights, write_checkpoint
+        from moe_core.config import preset
+        from moe_core.tokenizer import write_tokenizer
+
+        cfg = preset(preset_name)
+        print(f"writing the {preset_name} checkpoint to {model_dir}", flush=True)
+        write_checkpoint(model_dir, cfg, random_weights(cfg, seed=seed))
+        write_tokenizer(model_dir, cfg.vocab_size)
+    return model_dir
+
+
+def make_prompts(n: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (n, length), generator=g).tolist()
+
+
+def _pct(xs, q) -> float:
+    return float(np.percentile(xs, q)) if len(xs) else float("nan")
+
+
+# ---- transformers ----
+
+def transformers_runs(model_dir: Path, prompts: list[list[int]], batches: list[int], new_tokens: int,
+                      experts: list[str]) -> tuple[list[dict], dict[int, list[list[int]]], dict]:
+    """At each batch size, a short warm-up run with each experts implementation in `experts`, then the
+    timed run with the one that was fastest: transformers at its best on this machine."""
+    from transformers import MixtralForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+    class Clock(BaseStreamer):
+        """generate() calls put() once with the prompt and once per new token: one timestamp per step."""
+
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    model = MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    info = {"default_experts_implementation": getattr(model.config, "_experts_implementation", None),
+            "attn_implementation": model.config._attn_implementation, "threads": torch.get_num_threads()}
+
+    def generate(ids, n, streamer=None):
+        with torch.inference_mode():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, eos_token_id=None, pad_token_id=0, streamer=streamer)
+
+    rows, outputs = [], {}
+    for b in batches:
+        ids = torch.tensor(prompts[:b])
+        warm = {}
+        for impl in experts:
+            model.set_experts_implementation(impl)
+            generate(ids, min(4, new_tokens))  # first use of a shape is slow (kernel set-up); not timed
+            t0 = time.perf_counter()
+            generate(ids, min(4, new_tokens))
+            warm[impl] = time.perf_counter() - t0
+        impl = min(warm, key=warm.get)
+        model.set_experts_implementation(impl)
+        clock = Clock()
+        t0 = time.perf_counter()
+        out = generate(ids, new_tokens, clock)
+        wall = time.perf_counter() - t0
+        new = out[:, ids.shape[1]:]
+        if new.shape[1] != new_tokens:
+            raise RuntimeError(f"transformers made {new.shape[1]} new tokens, asked for {new_tokens}")
+        outputs[b] = new.tolist()
+        gaps = np.diff(clock.times[1:]) * 1e3  # times[0]: the prompt; then one per new token
+        rows.append({"batch": b, "system": f"transformers ({impl})", "tokens": new.numel(), "wall_s": wall,
+                     "tokens_per_s": new.numel() / wall, "ttft_ms": (clock.times[1] - t0) * 1e3,
+                     "p50_tpot_ms": _pct(gaps, 50), "p99_tpot_ms": _pct(gaps, 99),
+                     "warmup_s": {k: round(v, 3) for k, v in warm.items()}})
+        print(rows[-1], flush=True)
+    del model
+    gc.collect()
+    return rows, outputs, info
+
+
+# ---- the served app ----
+
+async def _stream(stub, ids: list[int], new_tokens: int, timeout: float):
+    from moe.v1 import gateway_pb2
+
+    req = gateway_pb2.GenerateRequest(prompt_token_ids=ids,
+                                      sampling=gateway_pb2.SamplingParams(max_new_tokens=new_tokens))
+    tokens, arrivals = [], []
+    async for chunk in stub.Generate(req, timeout=timeout):
+        arrivals.append(time.perf_counter())
+        tokens += chunk.token_ids
+    return tokens, arrivals
+
+
+async def _served(address: str, prompts, batches, new_tokens, timeout) -> tuple[list[dict], dict]:
+    import grpc
+
+    from moe.v1 import gateway_pb2_grpc
+    from router_service.client import OPTIONS
+
+    rows, outputs = [], {}
+    async with grpc.aio.insecure_channel(address, options=OPTIONS) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        for b in batches:
+            # warm-up round at this concurrency (connection, first-use paths), not timed
+            await asyncio.gather(*(_stream(stub, p, min(4, new_tokens), timeout) for p in prompts[:b]))
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(_stream(stub, p, new_tokens, timeout) for p in prompts[:b]))
+            wall = max(a[-1] for _, a in results) - t0
+            gaps = np.concatenate([np.diff(a) for _, a in results]) * 1e3
+            n = sum(len(t) for t, _ in results)
+            outputs[b] = [t for t, _ in results]
+            rows.append({"batch": b, "system": "moe-serve", "tokens": n, "wall_s": wall, "tokens_per_s": n / wall,
+                         "ttft_ms": float(np.median([a[0] - t0 for _, a in results])) * 1e3,
+                         "p50_tpot_ms": _pct(gaps, 50), "p99_tpot_ms": _pct(gaps, 99)})
+            print(rows[-1], flush=True)
+    return rows, outputs
+
+
+def served_runs(model_dir: Path, prompts, batches, new_tokens, *, transport: str, micro_batches: int,
+                timeout: float) -> tuple[list[dict], dict]:
+    from tests.cluster_fixtures import running_app
+
+    app_args = {"transport": transport}
+    if micro_batches != 1:
+        app_args["micro_batches"] = micro_batches
+    t0 = time.perf_counter()
+    with running_app(model_dir, **app_args) as (address, _):
+        print(f"app up at {address} in {time.perf_counter() - t0:.0f} s", flush=True)
+        return asyncio.run(_served(address, prompts, batches, new_tokens, timeout))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint dir (written if missing)")
+    p.add_argument("--preset", default="bench", help="preset to write when --model has no checkpoint")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--transport", default="grpc", choices=["grpc", "handle"], help="the router's expert dispatcher")
+    p.add_argument("--micro-batches", type=int, default=1, help="router micro-batches per step (2 = ping-pong)")
+    p.add_argument("--hf-experts", default="eager,grouped_mm",
+                   help="transformers experts_implementation(s); with several, the fastest in a warm-up is timed")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--timeout", type=float, default=600.0, help="deadline of one request, seconds")
+    p.add_argument("--name", default="e2e", help="results file name (e2e__VARIANT for a variant)")
+    p.add_argument("--note", help="what this variant changes (shown in the report)")
+    a = p.parse_args(argv)
+    batches = [int(c) for c in a.concurrency.split(",")]
+    model_dir = ensure_model(a.model.resolve(), a.preset)
+    cfg = MoEConfig.from_dir(model_dir)
+    prompts = make_prompts(max(batches), a.prompt_len, cfg.vocab_size)
+
+    hf_rows, hf_out, hf_info = [], {}, {}
+    if not a.no_transformers:
+        hf_rows, hf_out, hf_info = transformers_runs(model_dir, prompts, batches, a.new_tokens,
+                                                     a.hf_experts.split(","))
+    ours, our_out = served_runs(model_dir, prompts, batches, a.new_tokens, transport=a.transport,
+                                micro_batches=a.micro_batches, timeout=a.timeout)
+    rows = []
+    for r in ours:
+        b = r["batch"]
+        hf = next((h for h in hf_rows if h["batch"] == b), None)
+        if hf is not None:
+            r["ratio"] = r["tokens_per_s"] / hf["tokens_per_s"]
+            r["match"] = float(np.mean([t == ref[:len(t)] for t, ref in zip(our_out[b], hf_out[b])]))
+            rows.append(hf)
+        rows.append(r)
+    shown = model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir
+    meta = {"model": str(shown), "config": {k: getattr(cfg, k) for k in (
+        "hidden_size", "intermediate_size", "n_layers", "n_experts", "top_k", "vocab_size")},
+            "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "transport": a.transport,
+            "micro_batches": a.micro_batches, "transformers": hf_info, "note": a.note}
+    save(a.name, rows, meta, ["batch", "system", "tokens_per_s", "ratio", "p50_tpot_ms", "p99_tpot_ms", "ttft_ms",
+                              "tokens", "wall_s", "match"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Renders BENCHMARKS.md from benchmarks/results/*.json: the targets with pass/fail computed from
+the figures, one section per benchmark (machine, date, table), and an "Optimizations" section
+with before/after rows for every variant file `<benchmark>__<variant>.json` (compared with
+`<benchmark>.json`, or with the results named by the variant's `compare_to`).
+
+    python -m benchmarks.report [--results benchmarks/results] [--out BENCHMARKS.md]
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+from pathlib import Path
+
+from benchmarks.common import RESULTS, table
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+ORDER = ["codec", "moe_layer", "e2e"]
+
+# How a variant is compared with its base: the columns that identify a row, the figure, and whether
+# higher is better. The transformers row's label carries its expert implementation; compare by system.
+COMPARE = {
+    "codec": (lambda r: (r["MB"], r["options"], r["path"]), "GBps_each_way", True),
+    "moe_layer": (lambda r: (r["T"], r["transport"]), "ms", False),
+    "e2e": (lambda r: (r["batch"], r["system"].split(" ")[0]), "tokens_per_s", True),
+}
+META_SKIP = {"benchmark", "machine", "rows", "columns", "tables", "note", "compare_to"}
+
+
+def load(results: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted(results.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data.get("rows"), list):
+            raise ValueError(f"{path} has no 'rows' list")
+        out[path.stem] = data
+    return out
+
+
+def _fmt(v, digits=3) -> str:
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+# ---- targets ----
+
+def _check(name, measured, goal, ok) -> dict:
+    return {"target": name, "measured": measured, "goal": goal,
+            "result": "not measured" if ok is None else ("pass" if ok else "FAIL")}
+
+
+def targets(res: dict[str, dict]) -> list[dict]:
+    out = []
+    e2e = res.get("e2e")
+    row = next((r for r in (e2e or {}).get("rows", []) if r.get("batch") == 32 and "ratio" in r), None)
+    out.append(_check("e2e tokens/s at 32 concurrent requests vs transformers generate at batch 32",
+                      f"{row['ratio']:.2f}x ({row['tokens_per_s']:.1f} tok/s)" if row else "-", ">= 1.5x",
+                      None if row is None else row["ratio"] >= 1.5))
+
+    moe = res.get("moe_layer")
+    for T, limit in ((512, 1.25), (8, 3.0)):
+        name = f"moe_layer gRPC / in-process layer time at T={T}, CPU"
+        row = next((r for r in (moe or {}).get("rows", []) if r.get("T") == T and r.get("transport") == "grpc"), None)
+        if moe is not None and moe.get("device", "cpu") != "cpu":
+            out.append(_check(name, f"ran on {moe['device']}, not CPU", f"<= {limit}x", None))
+        else:
+            out.append(_check(name, f"{row['ratio']:.2f}x ({row['ms']:.1f} ms)" if row else "-", f"<= {limit}x",
+                              None if row is None else row["ratio"] <= limit))
+
+    codec = res.get("codec")
+    rows = [r for r in (codec or {}).get("rows", [])
+            if r.get("path") == "codec" and r.get("options") == "tuned" and r.get("MB", 0) >= 16]
+    worst = min(rows, key=lambda r: r["GBps_each_way"]) if rows else None
+    out.append(_check("codec encode -> gRPC -> decode, each way, loopback (tuned, tensors >= 16 MB)",
+                      f"{worst['GBps_each_way']:.2f} GB/s (at {worst['MB']:g} MB)" if worst else "-", ">= 1 GB/s",
+                      None if worst is None else worst["GBps_each_way"] >= 1.0))
+    return out
+
+
+# ---- sections ----
+
+def _doc(name: str) -> str:
+    """A benchmark script's docstring, read without importing the script."""
+    path = HERE / f"{name}.py"
+    return (ast.get_docstring(ast.parse(path.read_text())) or "") if path.is_file() else ""
+
+
+def question(name: str) -> str:
+    return " ".join(_doc(name).split("\n\n")[0].split())
+
+
+def usage(name: str) -> str:
+    """The docstring's last paragraph when it is the command line."""
+    last = _doc(name).rstrip().split("\n\n")[-1].strip()
+    return last if last.startswith("python -m") else ""
+
+
+def _setting(v) -> str:
+    if isinstance(v, (dict, list)):
+        text = json.dumps(v)
+        return text if len(text) <= 200 else "(in the JSON)"
+    return _fmt(v)
+
+
+def _where(data: dict) -> str:
+    m = data.get("machine", {})
+    return f"{m.get('device', '?')}, {m.get('date', '?')}"
+
+
+def machine_line(data: dict) -> str:
+    m = data.get("machine", {})
+    return (f"Machine: {m.get('device', '?')}, {m.get('cpus', '?')} CPUs, torch {m.get('torch', '?')}, "
+            f"Python {m.get('python', '?')}; run on {m.get('date', '?')}.")
+
+
+def rows_table(data: dict) -> str:
+    if not data["rows"]:
+        return "(no rows)"
+    return table(data["rows"], data.get("columns") or list(data["rows"][0]))
+
+
+def section(name: str, data: dict) -> list[str]:
+    lines = [f"## {name}", ""]
+    q = question(name.split("__")[0])
+    if q:
+        lines += [q, ""]
+    lines += [machine_line(data), ""]
+    settings = [f"{k} = {_setting(v)}" for k, v in data.items() if k not in META_SKIP and v is not None]
+    if settings:
+        lines += ["Settings: " + ", ".join(settings) + ".", ""]
+    lines += [rows_table(data), ""]
+    for t in data.get("tables", []):
+        lines += [f"{t['title']}:", "", table(t["rows"], t["columns"]), ""]
+    return lines
+
+
+def compare(base: dict, variant: dict, family: str) -> list[dict] | None:
+    if family not in COMPARE:
+        return None
+    key, metric, higher = COMPARE[family]
+    before = {key(r): r[metric] for r in base["rows"] if metric in r}
+    rows = []
+    for r in variant["rows"]:
+        k = key(r)
+        if k in before and metric in r and before[k]:
+            change = r[metric] / before[k]
+            better = change > 1 if higher else change < 1
+            rows.append({"row": " / ".join(map(_fmt, k)), "before": before[k], "after": r[metric],
+                         "after/before": change, "better": "yes" if better else "no"})
+    return rows
+
+
+def optimizations(res: dict[str, dict]) -> list[str]:
+    lines = ["## Optimizations", ""]
+    variants = [n for n in res if "__" in n]
+    if not variants:
+        return lines + ["No variant results yet: a run saved as `<benchmark>__<variant>.json` (the scripts' "
+                        "`--name`, with `--note` saying what it changes) appears here next to its base run.", ""]
+    lines += ["Each variant next to the run it changes (\"before\" = the base results file, \"after\" = the "
+              "variant), on the figure that matters for that benchmark.", ""]
+    for name in variants:
+        data = res[name]
+        family = name.split("__")[0]
+        base_name = data.get("compare_to") or family
+        lines += [f"### {name}" + (f": {data['note']}" if data.get("note") else ""), ""]
+        base = res.get(base_name)
+        rows = compare(base, data, family) if base else None
+        if not rows:
+            why = f"no `{base_name}.json` to compare with" if base is None else "no rows in common with the base"
+            lines += [f"({why}; the variant's own figures:)", "", rows_table(data), ""]
+            continue
+        metric = COMPARE[family][1]
+        lines += [f"`{metric}`: before = `{base_name}` ({_where(base)}), after = `{name}` ({_where(data)})."]
+        if base.get("machine", {}).get("device") != data.get("machine", {}).get("device"):
+            lines[-1] += " Different machines: this compares hardware, not one change."
+        lines += ["", table(rows, ["row", "before", "after", "after/before", "better"]), ""]
+    return lines
+
+
+def render(res: dict[str, dict]) -> str:
+    lines = ["# Benchmarks", "",
+             "Generated by `python -m benchmarks.report` from `benchmarks/results/*.json`; do not edit by hand. "
+             "`make bench` (`python -m benchmarks.run_all`) reruns every benchmark and this page. Each script "
+             "answers one question, prints its table and writes its JSON; ratios compare figures from the "
+             "same run on the same machine.", "",
+             "## Targets", "", table(targets(res), ["target", "measured", "goal", "result"]), "",
+             "## Running", "",
+             "A run saved with `--name <benchmark>__<variant>` (and `--note` saying what it changes) shows up "
+             "under Optimizations next to the base run.", "", "```sh",
+             "make bench   # everything below, then this page"]
+    lines += [u for u in map(usage, ORDER + ["run_all", "report"]) if u]
+    lines += ["```", ""]
+    bases = [n for n in ORDER if n in res] + sorted(n for n in res if "__" not in n and n not in ORDER)
+    for name in bases:
+        lines += section(name, res[name])
+    lines += optimizations(res)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    a = p.parse_args(argv)
+    a.out.write_text(render(load(a.results)))
+    print(f"wrote {a.out}")
+    return a.out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The benchmark scripts run end to end and write valid JSON; the report computes targets and
+before/after rows from what they wrote. No timing is asserted: speed lives in the benchmarks."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def codec_run(tmp_path_factory):
+    """`run_all` with only a tiny codec run: echo server subprocess, real gRPC, report written."""
+    d = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, MOE_BENCH_RESULTS=str(d / "results"))
+    out = d / "BENCHMARKS.md"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--only", "codec", "--out", str(out),
+                           "--args", "codec=--sizes 128KB,1MB --iters 2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return d / "results", out, proc.stdout
+
+
+def test_codec_writes_rows_for_every_size_path_and_option(codec_run):
+    results, _, stdout = codec_run
+    data = json.loads((results / "codec.json").read_text())
+    assert data["benchmark"] == "codec" and data["machine"]["cpus"] >= 1
+    keys = {(r["MB"], r["options"], r["path"]) for r in data["rows"]}
+    assert keys == {(mb, o, p) for mb in (0.125, 1.0) for o in ("tuned", "default") for p in ("codec", "wire")}
+    for r in data["rows"]:
+        assert r["rtt_ms"] > 0 and r["GBps_each_way"] > 0 and r["iters"] == 2
+        # GB/s each way is the payload over half the round trip
+        assert r["GBps_each_way"] == pytest.approx(r["MB"] * 2**20 / (r["rtt_ms"] / 2e3) / 1e9)
+        if r["path"] == "codec":
+            assert r["rtt_ms"] == pytest.approx(r["encode_ms"] + r["rpc_ms"] + r["decode_ms"], rel=0.5)
+            assert r["server_ms"] > 0  # the server really decoded and re-encoded
+    steps = data["tables"][0]["rows"]
+    assert [s["MB"] for s in steps] == [0.125, 1.0] and all(s["copy_equivalents"] > 0 for s in steps)
+    assert "| MB | options | path |" in stdout
+
+
+def test_report_from_the_codec_run(codec_run):
+    results, out, _ = codec_run
+    text = out.read_text()
+    assert text.startswith("# Benchmarks") and "## codec" in text and "Machine: " in text
+    # 128 KB and 1 MB only: the >= 16 MB codec target has nothing to judge yet
+    rows = {t["target"]: t for t in report.targets(report.load(results))}
+    assert all(t["result"] == "not measured" for t in rows.values())
+    assert "No variant results yet" in text
+
+
+def _results(tmp_path, codec_json: dict) -> Path:
+    """A results dir with the real codec results plus moe_layer/e2e results shaped as the scripts write them."""
+    d = tmp_path / "results"
+    d.mkdir()
+    (d / "codec.json").write_text(json.dumps(codec_json))
+    machine = codec_json["machine"]
+    moe = {"benchmark": "moe_layer", "machine": machine, "device": "cpu", "columns": ["T", "transport", "ms", "ratio"],
+           "rows": [{"T": 8, "transport": "inprocess", "ms": 2.0, "ratio": 1.0},
+                    {"T": 8, "transport": "grpc", "ms": 8.0, "ratio": 4.0},
+                    {"T": 512, "transport": "inprocess", "ms": 10.0, "ratio": 1.0},
+                    {"T": 512, "transport": "grpc", "ms": 11.0, "ratio": 1.1}]}
+    e2e = {"benchmark": "e2e", "machine": machine, "rows": [
+        {"batch": 32, "system": "transformers (eager)", "tokens_per_s": 100.0},
+        {"batch": 32, "system": "moe-serve", "tokens_per_s": 160.0, "ratio": 1.6}]}
+    (d / "moe_layer.json").write_text(json.dumps(moe))
+    (d / "e2e.json").write_text(json.dumps(e2e))
+    faster = copy.deepcopy(moe) | {"benchmark": "moe_layer__shm", "note": "shared memory"}
+    for r in faster["rows"]:
+        r["ms"] /= 2
+    (d / "moe_layer__shm.json").write_text(json.dumps(faster))
+    return d
+
+
+def test_targets_and_optimizations_are_computed_from_the_json(codec_run, tmp_path):
+    results, _, _ = codec_run
+    codec = json.loads((results / "codec.json").read_text())
+    big = copy.deepcopy(codec)
+    big["rows"] = [dict(r, MB=16.0, GBps_each_way=g) for r, g in zip(
+        [r for r in codec["rows"] if r["path"] == "codec" and r["options"] == "tuned"], (0.7, 2.0))]
+    d = _results(tmp_path, big)
+    got = {t["target"].split(" ")[0] + (" T=8" if "T=8" in t["target"] else ""): t["result"]
+           for t in report.targets(report.load(d))}
+    assert got == {"e2e": "pass", "moe_layer": "pass", "moe_layer T=8": "FAIL", "codec": "FAIL"}
+
+    out = tmp_path / "B.md"
+    report.main(["--results", str(d), "--out", str(out)])
+    text = out.read_text()
+    assert "### moe_layer__shm: shared memory" in text
+    # before/after rows: 8 ms -> 4 ms at T=8 over gRPC, half the time, better
+    assert "| 8 / grpc | 8 | 4 | 0.5 | yes |" in text
+    assert text.index("## codec") < text.index("## moe_layer") < text.index("## e2e") < text.index("## Optimizations")
+
+
+def test_report_rejects_a_results_file_without_rows(tmp_path):
+    (tmp_path / "codec.json").write_text(json.dumps({"benchmark": "codec"}))
+    with pytest.raises(ValueError, match="no 'rows' list"):
+        report.load(tmp_path)

@@ -1,0 +1,371 @@
+"""Faults: replicas that die, callers that give up, more load than the limits admit.
+
+The engine and dispatcher tests need no cluster. The cluster tests share one Ray cluster with a
+two-expert model (every token visits both expert shards) and small engine limits, and change its
+replica counts through Serve as they go. Every wait is bounded.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import random
+import socket
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from ray import serve
+
+from expert_service.experts import ExpertShard
+from expert_service.server import start_server
+from moe.v1 import gateway_pb2, gateway_pb2_grpc
+from moe_core.checkpoint import Checkpoint, all_pairs
+from router_service import client
+from router_service.engine import Overloaded, local_engine
+from router_service.grpc_dispatch import GrpcDispatcher
+from router_service.launcher import deploy
+from router_service.sampling import SamplingParams
+from tests.cluster_fixtures import running_app
+from tests.conftest import run
+from tests.reliability_helpers import (
+    call, directory_table, expert_counters, experts, kill_replica, replica_actors, small_model, wait_until)
+
+OK, UNAVAILABLE, EXHAUSTED = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# -- engine and dispatcher, no cluster ------------------------------------------------------------
+
+class SlowExperts:
+    """In-process experts behind a delay, counting calls started, cancelled and finished."""
+
+    def __init__(self, inner, delay_s: float):
+        self.inner, self.delay_s = inner, delay_s
+        self.started = self.cancelled = self.finished = 0
+
+    async def run_experts(self, layer, x_NH, counts_E):
+        self.started += 1
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        self.finished += 1
+        return await self.inner.run_experts(layer, x_NH, counts_E)
+
+
+def slow_engine(model_dir, delay_s=0.2, **limits):
+    engine = local_engine(model_dir, **limits)
+    engine.dispatcher = SlowExperts(engine.dispatcher, delay_s)
+    return engine
+
+
+async def _until(predicate, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+def test_a_caller_that_gives_up_cancels_its_step_and_expert_calls(tiny_model):
+    async def go():
+        engine = slow_engine(tiny_model)
+        experts_ = engine.dispatcher
+        consumer = asyncio.create_task(engine.complete([1, 2, 3], SamplingParams(max_new_tokens=50)))
+        await _until(lambda: experts_.started >= 1)  # the step is inside an expert call
+        consumer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+        await _until(lambda: engine._step_task is None)
+        started = experts_.started
+        await asyncio.sleep(0.5)  # a step left running would have started more calls by now
+        return experts_, engine, started
+    experts_, engine, started = run(go())
+    assert experts_.cancelled == 1 and experts_.finished == 0
+    assert engine.steps_cancelled == 1 and engine.load == {"running": 0, "queued": 0}
+    assert experts_.started == started
+
+
+def test_a_step_serving_someone_else_runs_on(tiny_model):
+    solo, _ = run(local_engine(tiny_model).complete([4, 5, 6], SamplingParams(max_new_tokens=5)))
+
+    async def go():
+        engine = slow_engine(tiny_model, delay_s=0.05)
+        leaver = asyncio.create_task(engine.complete([1, 2, 3], SamplingParams(max_new_tokens=50)))
+        stayer = asyncio.create_task(engine.complete([4, 5, 6], SamplingParams(max_new_tokens=5)))
+        await _until(lambda: engine.dispatcher.started >= 1)
+        leaver.cancel()
+        return await stayer, engine
+    (tokens, _), engine = run(go())
+    assert tokens == solo and engine.steps_cancelled == 0 and engine.dispatcher.cancelled == 0
+
+
+def test_past_running_plus_queued_limits_requests_are_refused_at_once(tiny_model):
+    async def go():
+        engine = slow_engine(tiny_model, delay_s=0.01, max_running=1, max_queued=2)
+        params = SamplingParams(max_new_tokens=3)
+        admitted = [asyncio.create_task(engine.complete([1, 2], params)) for _ in range(3)]
+        await asyncio.sleep(0)  # all three submitted, none run yet
+        t = time.monotonic()
+        with pytest.raises(Overloaded, match="limits: 1 running \\+ 2 queued"):
+            await engine.complete([1, 2], params)
+        refused_in = time.monotonic() - t
+        done = await asyncio.gather(*admitted)
+        again = await engine.complete([1, 2], params)  # room again once they finished
+        return done, again, refused_in
+    done, again, refused_in = run(go())
+    assert all(len(tokens) == 3 for tokens, _ in done) and len(again[0]) == 3
+    assert refused_in < 0.01  # before any step: nothing was computed for it
+
+
+def test_a_sampling_fault_fails_only_its_own_sequence(tiny_model):
+    want, _ = run(local_engine(tiny_model).complete([4, 5, 6], SamplingParams(max_new_tokens=4)))
+
+    async def go():
+        engine = local_engine(tiny_model)
+        # logits / 1e-40 overflow to inf: NaN probabilities (the gateway refuses such temperatures)
+        bad = asyncio.create_task(engine.complete([1, 2], SamplingParams(max_new_tokens=4, temperature=1e-40)))
+        good = asyncio.create_task(engine.complete([4, 5, 6], SamplingParams(max_new_tokens=4)))
+        return await asyncio.gather(bad, good, return_exceptions=True)
+    bad, good = run(go())
+    assert isinstance(bad, RuntimeError) and good[0] == want
+
+
+def test_dispatcher_skips_dead_and_hung_replicas_within_seconds(tiny_model):
+    """A replica whose port is closed fails at once; one that accepts TCP but never answers (a
+    vanished node looks the same) fails after the 2 s connect bound, not gRPC's default 20 s."""
+    pairs = all_pairs(Checkpoint(tiny_model).config)
+    shard = ExpertShard.load(Checkpoint(tiny_model), pairs)
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"  # closed again: nothing listens there
+    hung_address = f"127.0.0.1:{hung.getsockname()[1]}"
+    x = torch.randn(5, 64)
+    counts = [1, 0, 2, 0, 0, 0, 2, 0]
+
+    async def go():
+        server, port = await start_server(shard)
+        live = f"127.0.0.1:{port}"
+        forgotten, seconds = set(), []
+
+        async def lookup():
+            return {"all": [hung_address, dead, live]}
+
+        async def forget(address):
+            forgotten.add(address)
+        d = GrpcDispatcher({p: "all" for p in pairs}, lookup, forget, refresh_s=30)
+        try:
+            outs = []
+            while len(forgotten) < 2 and len(outs) < 40:  # picks are random among equally loaded replicas
+                t = time.monotonic()
+                outs.append(await d.run_experts(0, x, counts))
+                seconds.append(time.monotonic() - t)
+        finally:
+            await d.close()
+            await server.stop(None)
+        return outs, forgotten, seconds, d.retries
+    outs, forgotten, seconds, retries = run(go())
+    want = shard.forward(x, [(0, 0, 1), (0, 2, 2), (0, 6, 2)])
+    assert all(torch.equal(y, want) for y in outs)
+    assert forgotten == {hung_address, dead} and retries == 2
+    assert max(seconds) < 8, seconds
+    hung.close()
+
+
+# -- on a cluster ----------------------------------------------------------------------------------
+
+APP_ARGS = dict(max_running=4, max_queued=4)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    model = small_model(tmp_path_factory.mktemp("small"))
+    with running_app(model, edit=experts(2, replicas=2), **APP_ARGS) as (address, cfg):
+        yield {"address": address, "cfg": cfg, "model": model, "engine": local_engine(model),
+               "stub": gateway_pb2_grpc.GatewayStub(client.channel(address, ca="", token=""))}
+
+
+def set_expert_replicas(cluster, n: int):
+    cfg = cluster["cfg"]
+    for d in cfg["applications"][0]["deployments"]:
+        if d["name"].startswith("expert-"):
+            d["num_replicas"] = n
+    deploy(cfg, wait_s=300)  # num_replicas is a light update: nothing else restarts
+    wait_until(lambda: all(len(replica_actors(f"expert-{e}")) == n for e in range(2))
+               and all(len(v) == n for v in directory_table().values()), 180, f"{n} replicas per expert")
+
+
+def router_stats():
+    return serve.get_deployment_handle("Router", app_name="moe").stats.remote().result(timeout_s=60)
+
+
+def jobs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(3, 512, size=int(rng.integers(2, 10))).tolist(), int(rng.integers(2, 6)))
+            for _ in range(n)]
+
+
+def expected(cluster, job_list):
+    engine = cluster["engine"]
+    return [run(engine.complete(p, SamplingParams(max_new_tokens=n)))[0] for p, n in job_list]
+
+
+@pytest.mark.cluster
+def test_expert_replicas_killed_under_load_lose_no_request(cluster):
+    set_expert_replicas(cluster, 2)
+    work = jobs(240)
+    want = expected(cluster, work)
+    stub, stop, kills = cluster["stub"], threading.Event(), []
+    retries_before = router_stats()["expert_retries"]
+
+    def killer():
+        """Every 1.5 s, one replica of an expert that has both of its replicas up and registered."""
+        rng = random.Random(0)
+        while not stop.wait(1.5):
+            table = directory_table()
+            whole = [e for e in range(2) if len(replica_actors(f"expert-{e}")) == 2
+                     and len(table.get(f"expert-{e}", [])) == 2]
+            if whole:
+                victim = rng.choice(replica_actors(f"expert-{rng.choice(whole)}"))
+                kill_replica(victim)
+                kills.append(victim)
+
+    def one(job):
+        prompt, n = job
+        return call(stub.Complete, client.request(prompt, None, SamplingParams(max_new_tokens=n)), timeout=60)
+
+    k = threading.Thread(target=killer, daemon=True)
+    k.start()
+    try:
+        with cf.ThreadPoolExecutor(8) as pool:  # 8 = max_running + max_queued: nothing is refused
+            results = list(pool.map(one, work))
+    finally:
+        stop.set()
+        k.join(timeout=30)
+    failures = [(code, details) for code, _, details in results if code != OK]
+    assert not failures, failures[:5]
+    assert [list(r.token_ids) for _, _, r in results] == want
+    assert len(kills) >= 3, kills
+    assert router_stats()["expert_retries"] > retries_before  # the router did meet dead replicas
+
+
+@pytest.mark.cluster
+def test_overload_is_refused_at_once_and_admitted_requests_keep_their_latency(cluster):
+    stub = cluster["stub"]
+    req = client.request([7, 8, 9], None, SamplingParams(max_new_tokens=40))
+
+    def burst(n):
+        barrier = threading.Barrier(n)
+
+        def one(_):
+            barrier.wait()
+            return call(stub.Complete, req, timeout=120)
+        with cf.ThreadPoolExecutor(n) as pool:
+            return list(pool.map(one, range(n)))
+
+    base = burst(8)  # exactly the limits (4 running + 4 queued): all admitted
+    assert all(code == OK for code, _, _ in base), [d for c, _, d in base if c != OK]
+    base_worst = max(s for _, s, _ in base)
+
+    over = burst(48) + burst(48)
+    assert all(code in (OK, EXHAUSTED) for code, _, _ in over), {(c, d) for c, _, d in over if c != OK}
+    admitted = sorted(s for code, s, _ in over if code == OK)
+    refused = sorted(s for code, s, _ in over if code == EXHAUSTED)
+    assert len(admitted) >= 16 and len(refused) >= 24, (len(admitted), len(refused))
+    assert all("overloaded" in d for code, _, d in over if code == EXHAUSTED)
+    # refused at once: typically a small fraction of what an admitted request takes
+    assert np.median(refused) < 0.5 * np.median(admitted), (np.median(refused), np.median(admitted))
+    # admitted requests wait behind at most the limits' worth of work, not behind the whole burst
+    # (48 queued at 4 per step would take 12 rounds, 6x the baseline's worst)
+    p99 = float(np.percentile(admitted, 99))
+    assert p99 < 3 * base_worst + 1.0, (p99, base_worst)
+
+
+@pytest.mark.cluster
+def test_deadlines_and_cancelled_streams_stop_their_generation(cluster):
+    stub = cluster["stub"]
+    long_req = client.request([1, 2, 3], None, SamplingParams(max_new_tokens=400))  # ~seconds of work
+    cancelled_before = router_stats()["steps_cancelled"]
+
+    def settled():
+        """Nothing running, and expert call counters standing still over half a second."""
+        s = router_stats()
+        if s["running"] or s["queued"]:
+            return None
+        a = expert_counters()
+        time.sleep(0.5)
+        b = expert_counters()
+        return b if a == b and all(in_flight == 0 for _, in_flight in b.values()) else None
+
+    code, seconds, _ = call(stub.Complete, long_req, timeout=0.001)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and seconds < 1.0
+    wait_until(settled, 10, "quiet after a 1 ms deadline")
+
+    code, seconds, _ = call(stub.Complete, long_req, timeout=0.6)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and seconds < 2.0
+    wait_until(settled, 10, "generation stopped after its deadline")
+
+    stream = stub.Generate(long_req, timeout=60)
+    got = [next(stream) for _ in range(3)]
+    assert all(len(c.token_ids) == 1 for c in got)
+    stream.cancel()
+    wait_until(settled, 10, "generation stopped after the client cancelled")
+    # each of those two was alone in its step: the steps (and their expert calls) were cancelled
+    assert router_stats()["steps_cancelled"] >= cancelled_before + 1
+
+    prompt, n = [5, 6, 7, 8], 6
+    want = expected(cluster, [(prompt, n)])[0]
+    code, _, reply = call(stub.Complete, client.request(prompt, None, SamplingParams(max_new_tokens=n)), timeout=60)
+    assert code == OK and list(reply.token_ids) == want
+
+
+def _until_served(stub, prompt, n, timeout_s):
+    """Calls until one succeeds; returns every (code, seconds, reply) seen."""
+    seen = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seen.append(call(stub.Complete, client.request(prompt, None, SamplingParams(max_new_tokens=n)), timeout=30))
+        if seen[-1][0] == OK:
+            return seen
+        time.sleep(0.3)
+    raise AssertionError(f"not served again within {timeout_s}s; last: {seen[-1][:2]}")
+
+
+@pytest.mark.cluster
+def test_single_expert_replica_death_fails_fast_until_serve_restarts_it(cluster):
+    set_expert_replicas(cluster, 1)
+    stub, prompt, n = cluster["stub"], [11, 12, 13, 14], 5
+    want = expected(cluster, [(prompt, n)])[0]
+    [victim] = replica_actors("expert-1")
+    kill_replica(victim)
+    seen = _until_served(stub, prompt, n, 180)
+    failed = seen[:-1]
+    assert failed, "a request went through with the only replica of expert-1 dead"
+    assert all(code == UNAVAILABLE and "expert-1" in d for code, _, d in failed), failed[:3]
+    assert max(s for _, s, _ in failed) < 5.0  # fast, though each call allowed 30 s
+    assert list(seen[-1][2].token_ids) == want
+    assert replica_actors("expert-1") != [victim]
+
+
+@pytest.mark.cluster
+def test_router_death_fails_fast_until_serve_restarts_it(cluster):
+    stub, prompt, n = cluster["stub"], [21, 22, 23], 5
+    want = expected(cluster, [(prompt, n)])[0]
+    [victim] = replica_actors("Router")
+    inflight = stub.Generate(client.request([1, 2, 3], None, SamplingParams(max_new_tokens=400)), timeout=60)
+    next(inflight)  # a generation is under way when the router dies
+    kill_replica(victim)
+    t = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in inflight:
+            pass
+    assert e.value.code() == UNAVAILABLE and time.monotonic() - t < 10
+    seen = _until_served(stub, prompt, n, 180)
+    assert all(code == UNAVAILABLE for code, _, _ in seen[:-1]), seen[:3]
+    assert max(s for _, s, _ in seen[:-1]) < 10, [s for _, s, _ in seen]  # each call allowed 30 s
+    assert list(seen[-1][2].token_ids) == want
