@@ -41,6 +41,22 @@ EXPERT_CHANNEL_OPTIONS = CHANNEL_OPTIONS + [
 ]
 
 
+def split_segments(segments, k: int) -> list[tuple[int, int, list]]:
+    """Rows of (layer, expert, rows) segments cut into k contiguous parts of about equal size:
+    [(start, stop, segments of that part)]; a segment may be cut in two."""
+    total = sum(n for _, _, n in segments)
+    bounds = [total * i // k for i in range(k + 1)]
+    parts, seg_start = [], 0
+    spans = []
+    for layer, expert, n in segments:
+        spans.append((seg_start, seg_start + n, layer, expert))
+        seg_start += n
+    for a, b in zip(bounds, bounds[1:]):
+        segs = [(L, E, min(b, stop) - max(a, start)) for start, stop, L, E in spans if start < b and stop > a]
+        parts.append((a, b, segs))
+    return parts
+
+
 class ExpertsUnavailable(RuntimeError):
     """No live replica of a shard answered within the deadline; the gateway answers UNAVAILABLE."""
 
@@ -59,12 +75,14 @@ class GrpcDispatcher:
     def __init__(self, shard_of: dict[tuple[int, int], str], lookup, forget=None, *,
                  call_timeout_s: float = 30.0, refresh_s: float = 1.0, wire_dtype: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None, channel_options=(),
-                 shared: str | None = None, local_hosts: frozenset[str] = frozenset({"127.0.0.1", "localhost"})):
+                 shared: str | None = None, local_hosts: frozenset[str] = frozenset({"127.0.0.1", "localhost"}),
+                 split_min_rows: int = 32):
         self.shard_of, self.lookup, self.forget = shard_of, lookup, forget
         self.call_timeout_s, self.refresh_s, self.wire_dtype = call_timeout_s, refresh_s, wire_dtype
         self.credentials = credentials
         # Replicas on one of these hosts get tensors through shared buffers ("shm"/"cuda_ipc").
         self.shared, self.local_hosts = shared, local_hosts
+        self.split_min_rows = split_min_rows  # below this many rows per replica, one call is cheaper
         self.channel_options = EXPERT_CHANNEL_OPTIONS + list(channel_options)
         self.replicas: dict[str, list[_Replica]] = {}
         self._clients: dict[str, ExpertClient] = {}
@@ -119,6 +137,17 @@ class GrpcDispatcher:
         return y_NH
 
     async def _call(self, shard: str, x_nH: torch.Tensor, segments) -> torch.Tensor:
+        """A shard with several live replicas gets its rows split among them (data parallel), so a
+        hot expert's extra replicas shorten the layer step, not only absorb other routers' calls."""
+        now = time.monotonic()
+        k = min(sum(r.dead_until <= now for r in self.replicas.get(shard, [])), x_nH.shape[0] // self.split_min_rows)
+        if k < 2:
+            return await self._call_one(shard, x_nH, segments)
+        parts = split_segments(segments, k)
+        outs = await asyncio.gather(*(self._call_one(shard, x_nH[a:b], segs) for a, b, segs in parts))
+        return torch.cat(outs)
+
+    async def _call_one(self, shard: str, x_nH: torch.Tensor, segments) -> torch.Tensor:
         deadline = STEP_DEADLINE.get() or time.monotonic() + self.call_timeout_s
         last_error = None
         while True:

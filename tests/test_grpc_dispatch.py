@@ -1,0 +1,54 @@
+"""The gRPC dispatcher against real expert servers on loopback (no Ray)."""
+import torch
+
+from expert_service.experts import ExpertShard
+from expert_service.server import ExpertServicer, start_server
+from router_service import model
+from router_service.dispatch import InProcessDispatcher
+from router_service.grpc_dispatch import GrpcDispatcher, split_segments
+from tests.conftest import run
+
+
+def test_split_segments_covers_every_row_once():
+    segs = [(0, 1, 10), (0, 3, 1), (0, 5, 21)]
+    for k in (1, 2, 3, 7):
+        parts = split_segments(segs, k)
+        assert [a for a, _, _ in parts][0] == 0 and parts[-1][1] == 32
+        assert all(b - a == sum(n for _, _, n in s) for a, b, s in parts)
+        merged = {}
+        for _, _, s in parts:
+            for L, E, n in s:
+                merged[(L, E)] = merged.get((L, E), 0) + n
+        assert merged == {(0, 1): 10, (0, 3): 1, (0, 5): 21}
+
+
+def test_hot_shard_rows_split_across_its_replicas_same_numbers():
+    g = torch.Generator().manual_seed(0)
+    H, I, E = 16, 24, 4
+    weights = {(0, e): tuple(torch.randn(*s, generator=g) / 4 for s in ((I, H), (H, I), (I, H))) for e in range(E)}
+
+    async def go():
+        servicers, servers, table = [], [], {}
+        for e in range(E):  # expert 0 is hot: three replicas
+            for _ in range(3 if e == 0 else 1):
+                sv = ExpertServicer(ExpertShard({(0, e): weights[(0, e)]}))
+                server, port = await start_server(sv)
+                servicers.append((e, sv))
+                servers.append(server)
+                table.setdefault(f"expert-{e}", []).append(f"127.0.0.1:{port}")
+
+        async def lookup():
+            return table
+        disp = GrpcDispatcher({(0, e): f"expert-{e}" for e in range(E)}, lookup, split_min_rows=4)
+        x = torch.randn(64, H, generator=g)
+        gate = torch.zeros(E, H)
+        gate[0] += 1.0  # every token routes to expert 0 first
+        got = await model.moe(0, x, gate, 2, disp)
+        want = await model.moe(0, x, gate, 2, InProcessDispatcher(ExpertShard(weights)))
+        await disp.close()
+        for server in servers:
+            await server.stop(None)
+        return got, want, [sv.rows for e, sv in servicers if e == 0]
+    got, want, hot_rows = run(go())
+    torch.testing.assert_close(got, want)
+    assert len(hot_rows) == 3 and all(r > 0 for r in hot_rows)  # every replica of the hot expert worked
