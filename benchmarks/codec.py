@@ -22,7 +22,7 @@ upb encode 1, into Python bytes 1; grpc send: slice from a copied buffer 1; kern
 FromString (upb parses without aliasing) 1; decode: `.data` makes a fresh bytes 1,
 torch.frombuffer 0. `wire`: the 3 grpc copies + 2 in the kernel.
 
-`--malloc heap` keeps large buffers in glibc's heap in both processes (benchmarks.common.
+`--malloc heap` (the default, as in the services) keeps large buffers in glibc's heap in both processes (moe_core.codec.
 keep_large_buffers): without it every copy above 32 MB lands in fresh, page-faulting memory.
 
     python -m benchmarks.codec [--sizes 128KB,1MB,4MB,16MB,64MB] [--iters N] [--options tuned,default]
@@ -224,8 +224,9 @@ def main(argv=None):
     p.add_argument("--iters", type=int, help="round trips per point (default: about 3 s worth)")
     p.add_argument("--name", default="codec", help="results file name (codec__VARIANT for a variant)")
     p.add_argument("--note", help="what this variant changes (shown in the report)")
-    p.add_argument("--malloc", default="default", choices=["default", "heap"],
-                   help="heap: keep large buffers in glibc's heap (both processes), see common.keep_large_buffers")
+    p.add_argument("--malloc", default="heap", choices=["default", "heap"],
+                   help="heap (what the services do): keep large buffers in glibc's heap, see "
+                        "moe_core.codec.keep_large_buffers; default: glibc's own thresholds")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.malloc == "heap" and not keep_large_buffers():

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from expert_service import shared
 from expert_service.experts import ExpertShard
 from moe.v1 import common_pb2, expert_pb2
-from moe_core.codec import FLOAT_DTYPES, TAGS, WireError, check_finite, decode, encode
+from moe_core.codec import FLOAT_DTYPES, TAGS, WireError, check_finite, decode, encode, keep_large_buffers
 from moe_core.staging import Staging
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,7 @@ async def start_server(shard: ExpertShard | ExpertServicer, *, host: str = "127.
 
     Pass an ExpertServicer instead of a shard to keep a handle on its counters.
     """
+    keep_large_buffers()
     servicer = shard if isinstance(shard, ExpertServicer) else ExpertServicer(
         shard, max_message_bytes=max_message_bytes)
     # so_reuseport off: a second server on a taken port must fail, not silently share it.

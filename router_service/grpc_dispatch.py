@@ -18,7 +18,7 @@ import torch
 
 from expert_service.client import ExpertClient
 from expert_service.server import CHANNEL_OPTIONS
-from moe_core.codec import DTYPES
+from moe_core.codec import DTYPES, keep_large_buffers
 from router_service.dispatch import STEP_DEADLINE, gather_rows, scatter_rows, split_by_shard
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class GrpcDispatcher:
         # Replicas on one of these hosts get tensors through shared buffers ("shm"/"cuda_ipc").
         self.shared, self.local_hosts = shared, local_hosts
         self.split_min_rows = split_min_rows  # below this many rows per replica, one call is cheaper
+        keep_large_buffers()
         self.channel_options = EXPERT_CHANNEL_OPTIONS + list(channel_options)
         self.replicas: dict[str, list[_Replica]] = {}
         self._clients: dict[str, ExpertClient] = {}
