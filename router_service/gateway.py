@@ -11,6 +11,7 @@ before it is parsed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -155,8 +156,8 @@ class Gateway:
         case; under load taking a call can legitimately take seconds, so it is generous."""
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch_router())
-        to_ref = response._to_object_ref_gen if isinstance(response, DeploymentResponseGenerator) else response._to_object_ref
-        taken = asyncio.ensure_future(to_ref())
+        streaming = isinstance(response, DeploymentResponseGenerator)
+        taken = asyncio.ensure_future(response._to_object_ref_gen() if streaming else response._to_object_ref())
         deadline = asyncio.get_running_loop().time() + (wait_s or self.router_wait_s)
         try:
             while not taken.done():
@@ -171,19 +172,22 @@ class Gateway:
             raise
         return response
 
-    async def _generate(self, request):
+    @contextlib.asynccontextmanager
+    async def _generation(self, request):
+        """(prompt ids, the router's token stream). A caller that leaves early (cancelled, past its
+        deadline, disconnected: Serve then cancels this call) or fails also stops the generation
+        behind it; Ray does not pass that on by itself. The engine then drops the sequence and, if
+        it was alone in its step, cancels the step's expert calls."""
         ids, params = self._parse(request)
         stream = self.router.options(stream=True).generate.remote(ids, params.__dict__, self.timeout_s)
+        finished = False
         try:
             await self._taken(stream)
-            async for token, reason in stream:
-                yield ids, token, reason
-        except (asyncio.CancelledError, GeneratorExit):
-            # The caller went away (cancelled, past its deadline, disconnected) and Serve cancelled
-            # this call; Ray does not pass that on to the router's call, so stop it here: the engine
-            # then drops the sequence and, if it was alone in its step, the step's expert calls.
-            stream.cancel()
-            raise
+            yield ids, stream
+            finished = True
+        finally:
+            if not finished:
+                stream.cancel()
 
     async def _unary(self, response):
         try:
@@ -195,17 +199,20 @@ class Gateway:
     async def Generate(self, request, grpc_context):
         try:
             request = self._admit(request, gateway_pb2.GenerateRequest, grpc_context)
-            async for _, token, reason in self._generate(request):
-                yield gateway_pb2.GenerateChunk(token_ids=[token], text=self._text([token]), finish_reason=reason or "")
+            async with self._generation(request) as (_, stream):
+                async for token, reason in stream:
+                    yield gateway_pb2.GenerateChunk(token_ids=[token], text=self._text([token]),
+                                                    finish_reason=reason or "")
         except Exception as e:
             _fail(grpc_context, e)
 
     async def Complete(self, request, grpc_context) -> gateway_pb2.GenerateReply:
         try:
             request = self._admit(request, gateway_pb2.GenerateRequest, grpc_context)
-            ids, tokens, reason = [], [], ""
-            async for ids, token, reason in self._generate(request):
-                tokens.append(token)
+            tokens, reason = [], ""
+            async with self._generation(request) as (ids, stream):
+                async for token, reason in stream:
+                    tokens.append(token)
             return gateway_pb2.GenerateReply(token_ids=tokens, text=self._text(tokens), finish_reason=reason,
                                              prompt_tokens=len(ids))
         except Exception as e:

@@ -3,8 +3,9 @@ cost model of one decode step and predicts, for a model shape on N GPUs, how man
 and replicas per expert to run and the tokens/s to expect.
 
 One router step of T tokens, with rows_e = the rows routed to expert e in a layer (T*k in all):
-    router path   sum over layers of  dense(T) + wire(T*k rows) + max_e call(rows_e)
-    replica busy  sum over layers of  (call(rows_e) + wire(rows_e)) / r_e     (calls spread over r_e replicas)
+    router path   sum over layers of  dense(T) + wire(T*k rows) + max_e call(rows_e / k_e)
+    replica busy  sum over layers of  (k_e calls + compute and wire of rows_e) / r_e
+    with k_e = min(r_e, rows_e // 32) replicas sharing each call's rows, as the gRPC dispatcher does
     step          max(router path, R * busiest replica)                        (R routers share the replicas)
     tokens/s      R * T / step, averaged over the trace's steps
 Every number comes from `Costs` and is printed beside the result. Each router replica and each expert
@@ -26,6 +27,7 @@ from router_service.record import Trace, read_trace
 SHAPES = ("mixtral-8x7b", "mixtral-8x22b")
 MAX_GPUS = 1024
 MAX_STEPS = 256  # longer traces are subsampled evenly
+SPLIT_MIN_ROWS = 32  # GrpcDispatcher's split_min_rows: fewer rows per replica than this go in one call
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
@@ -222,25 +224,30 @@ class Simulator:
         # each token reads K and V of its context (bf16) from GPU memory
         self.dense_ms += batch_tokens * context * 2 * cfg.n_kv_heads * d * 2 / (costs.hbm_gbs * 1e6)
         self.router_wire_ms = batch_tokens * cfg.top_k * self.wire_ms_per_row
-        # A router sends an expert's rows of a layer in one call to one replica (fewest outstanding),
-        # so replicas share the calls of all routers: more replicas add capacity, not speed per call.
-        call = self.call_ms + self.row_ms * self.rows                      # [S, L, E]
-        self.router_path = cfg.n_layers * (self.dense_ms + self.router_wire_ms + costs.wire_fixed_ms) \
-            + call.max(axis=2).sum(axis=1)                                  # [S]
-        self.work = (call + self.wire_ms_per_row * self.rows).sum(axis=1)   # [S, E] per router step
+        self.base_ms = cfg.n_layers * (self.dense_ms + self.router_wire_ms + costs.wire_fixed_ms)
         self.weights_gb = 3 * cfg.hidden_size * cfg.intermediate_size * cfg.n_layers * 2 / 1e9  # bf16
         if self.weights_gb > costs.gpu_memory_gb:
             raise ValueError(f"one expert's weights ({self.weights_gb:.0f} GB) exceed a GPU "
                              f"({costs.gpu_memory_gb:.0f} GB); split experts by layers (layers_per_shard)")
+
+    def expert_side(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """With r replicas per expert: the router's path per step [S] and each replica's busy time per
+        router step [S, E]. As the gRPC dispatcher does, an expert's rows of a layer are split over
+        k = min(r, rows // SPLIT_MIN_ROWS) of its replicas (at least one), one call each, so extra
+        replicas shorten a router's step as well as sharing the calls of many routers."""
+        k = np.clip(np.minimum(r, self.rows // SPLIT_MIN_ROWS), 1, None)    # [S, L, E] calls
+        slowest = (self.call_ms + self.row_ms * self.rows / k).max(axis=2).sum(axis=1)
+        work = (k * self.call_ms + (self.row_ms + self.wire_ms_per_row) * self.rows).sum(axis=1)
+        return self.base_ms + slowest, work / r
 
     def replica_order(self, extra: int) -> list[np.ndarray]:
         """Replica counts for 0..extra replicas beyond one per expert: each goes to the expert whose
         replicas are busiest on average."""
         r = np.ones(self.cfg.n_experts)
         out = [r.copy()]
-        mean_work = self.work.mean(axis=0)
         for _ in range(extra):
-            r[int((mean_work / r).argmax())] += 1
+            _, busy = self.expert_side(r)
+            r[int(busy.mean(axis=0).argmax())] += 1
             out.append(r.copy())
         return out
 
@@ -251,23 +258,25 @@ class Simulator:
             raise ValueError(f"GPUs must lie in [{E + 1}, {MAX_GPUS}]: {E} experts and a router need {E + 1} "
                              f"(one replica per GPU); got {max_gpus}")
         orders = self.replica_order(max_gpus - E - 1)
-        busiest = np.stack([(self.work / r).max(axis=1) for r in orders])  # [G, S] by extra replicas g
+        sides = [self.expert_side(r) for r in orders]
+        path = np.stack([p for p, _ in sides])                              # [G, S] by extra replicas g
+        busiest = np.stack([busy.max(axis=1) for _, busy in sides])         # [G, S]
         R = np.arange(1, max_gpus - E + 1, dtype=float)                     # router replicas
         # tokens/s with R routers and g extra replicas: [G, R]; GPUs used = E + g + R
         tps = np.stack([R * self.T * self.n_steps * 1e3 /
-                        np.maximum(self.router_path, R[:, None] * b).sum(axis=1) for b in busiest])
+                        np.maximum(p, R[:, None] * b).sum(axis=1) for p, b in zip(path, busiest)])
         plans = []
         for n in range(E + 1, max_gpus + 1):
             g = np.arange(0, n - E)
             g = int(g[tps[g, n - E - 1 - g].argmax()])
             routers = n - E - g
-            step = np.maximum(self.router_path, routers * busiest[g])
+            step = np.maximum(path[g], routers * busiest[g])
+            busy = sides[g][1]
             plans.append(Plan(
                 gpus=n, routers=routers, replicas={name: int(x) for name, x in zip(self.names, orders[g])},
                 tokens_per_s=float(tps[g, routers - 1]), step_ms=float(step.mean()),
-                bottleneck=self._bottleneck((routers * busiest[g] > self.router_path).mean() > 0.5),
-                expert_busy={name: float((routers * self.work[:, e] / orders[g][e] / step).mean())
-                             for e, name in enumerate(self.names)}))
+                bottleneck=self._bottleneck((routers * busiest[g] > path[g]).mean() > 0.5),
+                expert_busy={name: float((routers * busy[:, e] / step).mean()) for e, name in enumerate(self.names)}))
         return plans
 
     def _bottleneck(self, expert_bound: bool) -> str:
@@ -300,9 +309,9 @@ class Simulator:
             "expert_replica_weights_gb": self.weights_gb,
             "model": ("one GPU per router replica and per expert replica; a router runs its layers one after "
                       "another: dense math (with the KV reads), then its wire (every routed row out and back "
-                      "through one process), then the slowest expert call; one call per expert per layer goes "
-                      "to one replica; an expert's replicas share the calls of all routers evenly and spend "
-                      "their own wire time; expert cost per row scales with hidden*intermediate from the "
+                      "through one process), then the slowest expert call; an expert's rows of a layer are "
+                      f"split over its replicas, at least {SPLIT_MIN_ROWS} rows a call; its replicas share the "
+                      "calls of all routers evenly and spend their own wire time; expert cost per row scales with hidden*intermediate from the "
                       "reference shape, dense cost with the parameter count; lm_head, sampling, queueing, "
                       "overlap of wire and compute and the network between hosts are left out"),
         }

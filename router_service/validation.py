@@ -81,9 +81,10 @@ def sampling_params(sp, prompt_len: int, cfg: MoEConfig) -> SamplingParams:
         raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
                            f"sampling.max_new_tokens = {sp.max_new_tokens} exceeds the {room} positions "
                            f"left after a {prompt_len}-token prompt (context {cfg.max_position_embeddings})")
-    if not math.isfinite(sp.temperature) or not (sp.temperature == 0 or _MIN_TEMPERATURE_F32 <= sp.temperature <= MAX_TEMPERATURE):
+    t = sp.temperature
+    if not math.isfinite(t) or not (t == 0 or _MIN_TEMPERATURE_F32 <= t <= MAX_TEMPERATURE):
         raise _invalid(f"sampling.temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
-                       f"got {sp.temperature:g}")
+                       f"got {t:g}")
     if not math.isfinite(sp.top_p) or not 0 <= sp.top_p <= 1:
         raise _invalid(f"sampling.top_p must be in [0, 1] (0 = unset), got {sp.top_p:g}")
     if sp.top_k < 0:

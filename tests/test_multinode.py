@@ -89,6 +89,7 @@ def multinode(tiny_model):
             ExpertDirectory.options(name=DEFAULT_NAME, namespace=NAMESPACE, get_if_exists=True,
                                     lifetime="detached", resources={"moe_head": 0.01}).remote()
             cfg = experts_on_workers(load_config(model=str(tiny_model), port=free_port()))
+            cfg["http_options"] = dict(cfg.get("http_options") or {}, port=free_port())  # 8000 may be taken
             address = deploy(cfg, wait_s=300)
             yield cluster, workers, address
         finally:

@@ -34,7 +34,8 @@ def test_parse_refuses_oversized_and_corrupt_bytes():
     good = gateway_pb2.GenerateRequest(prompt_token_ids=[1, 2], sampling=sampling()).SerializeToString()
     assert validation.parse(good, gateway_pb2.GenerateRequest).prompt_token_ids == [1, 2]
     assert code_of(validation.parse, good, gateway_pb2.GenerateRequest, len(good) - 1)[0] == EXHAUSTED
-    for junk in (b"\xff\xff\xff", b"\x0a\x05ab", b"\x12\x02\xff\xfe", b"\x0b" * 3):  # bad varint, short, bad UTF-8, group
+    # a bad varint, a field cut short, invalid UTF-8 in a string, a group wire type
+    for junk in (b"\xff\xff\xff", b"\x0a\x05ab", b"\x12\x02\xff\xfe", b"\x0b" * 3):
         code, msg = code_of(validation.parse, junk, gateway_pb2.GenerateRequest)
         assert code == INVALID and "moe.v1.GenerateRequest" in msg
 
