@@ -103,6 +103,10 @@ def cmd_down(a):
 
 
 def cmd_stats(a):
+    if a.record:  # a routing trace for `moe-serve simulate`, the same as `moe-serve record`
+        from router_service.record import record
+        print(json.dumps(record(a.address, a.record, interval_s=a.interval, duration_s=a.duration, timeout_s=a.timeout)))
+        return
     from router_service.client import stats
     r = stats(a.address, timeout=a.timeout)
     out = {
@@ -178,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default="127.0.0.1:9000")
     s.add_argument("--timeout", type=float, default=30.0)
     s.add_argument("--plot", help="write a layer x expert heatmap PNG here")
+    s.add_argument("--record", metavar="FILE", help="poll for --duration s and write a msgpack routing trace")
+    s.add_argument("--interval", type=float, default=1.0, help="with --record: seconds between polls")
+    s.add_argument("--duration", type=float, default=60.0, help="with --record: seconds to record")
     s.set_defaults(fn=cmd_stats)
     return p
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import io
+import json
 import os
 import tempfile
 import threading
@@ -17,10 +19,10 @@ from ray import serve
 from ray.cluster_utils import Cluster
 
 from expert_service.directory import DEFAULT_NAME, NAMESPACE, ExpertDirectory, kill_directory
-from router_service import client
+from router_service import cli, client
 from router_service.engine import local_engine
 from router_service.launcher import deploy, load_config
-from router_service.record import read_trace, record
+from router_service.record import read_trace
 from router_service.sampling import SamplingParams
 from router_service.simulate import simulate
 from tests.cluster_fixtures import free_port
@@ -140,10 +142,16 @@ def test_experts_spread_over_both_workers_and_serve(multinode, reference):
 
 
 def test_record_a_routing_trace_from_the_gateway_and_replay_it(multinode, tmp_path):
-    """`moe-serve record` polls Stats; every token the requests route lands in the trace once."""
+    """`moe-serve stats --record` polls Stats; every token the requests route lands in the trace once."""
     _, _, address = multinode
     out, done = tmp_path / "trace.msgpack", {}
-    rec = threading.Thread(target=lambda: done.update(record(address, out, interval_s=0.5, duration_s=8)))
+
+    def cli_record():
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            assert cli.main(["stats", "--address", address, "--record", str(out), "--interval", "0.5",
+                             "--duration", "8"]) == 0
+        done.update(json.loads(printed.getvalue()))
+    rec = threading.Thread(target=cli_record)
     rec.start()
     deadline = time.monotonic() + 30
     while not (out.exists() and out.stat().st_size > 0):  # the header follows the first poll
