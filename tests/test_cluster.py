@@ -143,7 +143,7 @@ def test_reflection_lists_and_calls_gateway_without_protos(app):
         services = set(db.get_services())
         assert {"moe.v1.Gateway", "grpc.health.v1.Health"} <= services
         pool = descriptor_pool.DescriptorPool(db)  # a pool fed only by reflection, not by our stubs
-        method = pool.FindMethodByName("moe.v1.Gateway.Complete")
+        method = pool.FindServiceByName("moe.v1.Gateway").methods_by_name["Complete"]
         Request = message_factory.GetMessageClass(method.input_type)
         Reply = message_factory.GetMessageClass(method.output_type)
         call = ch.unary_unary("/moe.v1.Gateway/Complete", request_serializer=Request.SerializeToString,
