@@ -15,7 +15,6 @@ import contextlib
 import logging
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
