@@ -70,6 +70,24 @@ def targets(res: dict[str, dict]) -> list[dict]:
             out.append(_check(name, f"{row['ratio']:.2f}x ({row['ms']:.1f} ms)" if row else "-", f"<= {limit}x",
                               None if row is None else row["ratio"] <= limit))
 
+    gpu = res.get("moe_layer__h200")
+    rows = (gpu or {}).get("rows", [])
+
+    def at(T, transport):
+        return next((r for r in rows if r.get("T") == T and r.get("transport") == transport), None)
+    for transports, limit, what in ((("grpc",), 2.0, "gRPC (bytes)"),
+                                    (("cuda_ipc", "cuda_ipc/1", "shm", "grpc/1"), 1.25, "fastest transport")):
+        found = [r for r in (at(1024, t) for t in transports) if r]
+        best = min(found, key=lambda r: r["ratio"]) if found else None
+        out.append(_check(f"moe_layer {what} / in-process at T=1024, Mixtral-8x7B bf16 on GPU",
+                          f"{best['ratio']:.2f}x ({best['transport']}, {best['ms']:.1f} ms)" if best else "-",
+                          f"<= {limit}x", None if best is None else best["ratio"] <= limit))
+    math = [r for r in rows if r.get("transport") == "expert math only" and r.get("T", 0) >= 4096]
+    worst = min(math, key=lambda r: r["of_gemm_peak"]) if math else None
+    out.append(_check("expert math / measured bf16 matmul rate at T >= 4096, GPU",
+                      ", ".join(f"{r['of_gemm_peak']:.1%} at T={r['T']}" for r in math) or "-", ">= 75%",
+                      None if worst is None else worst["of_gemm_peak"] >= 0.75))
+
     codec = res.get("codec")
     rows = [r for r in (codec or {}).get("rows", [])
             if r.get("path") == "codec" and r.get("options") == "tuned" and r.get("MB", 0) >= 16]
