@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -93,7 +94,7 @@ def up(*, model: str | None, port: int = 9000, config: str | None = None, num_cp
 def down() -> dict:
     state = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else {}
     removed = False
-    if os.environ.get("RAY_ADDRESS") or _local_cluster_running():
+    if os.environ.get("RAY_ADDRESS") or state.get("started_ray") or _local_cluster_running():
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE, log_to_driver=False)
         serve.shutdown()
         kill_directory()
@@ -108,5 +109,13 @@ def down() -> dict:
 
 
 def _local_cluster_running() -> bool:
-    return Path("/tmp/ray/ray_current_cluster").exists() and subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "status"], capture_output=True).returncode == 0
+    """Whether `ray start` left a cluster on this machine whose GCS still answers."""
+    path = Path("/tmp/ray/ray_current_cluster")
+    if not path.exists():
+        return False
+    host, _, port = path.read_text().strip().rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+        return True
+    except (OSError, ValueError):
+        return False
