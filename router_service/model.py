@@ -124,7 +124,7 @@ def route(x_TH: torch.Tensor, gate_EH: torch.Tensor, top_k: int) -> tuple[torch.
 async def moe(layer: int, x_TH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, dispatcher,
               on_route=None) -> torch.Tensor:
     """Route, group the rows by expert, run them through the dispatcher, combine with the gate weights."""
-    T, E = x_TH.shape[0], gate_EH.shape[0]
+    E = gate_EH.shape[0]
     w_TK, idx_TK = route(x_TH, gate_EH, top_k)
     order_N = idx_TK.flatten().argsort(stable=True)          # rows grouped by expert
     token_N = order_N // top_k

@@ -38,8 +38,13 @@ def running_app(model_dir, *, num_cpus=16, num_gpus=0, config=None, edit=None, *
             cfg = edit(cfg)
         yield deploy(cfg, wait_s=300), cfg
     finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        with contextlib.suppress(Exception):
-            kill_directory()
-        ray.shutdown()
+        stop_app()
+
+
+def stop_app() -> None:
+    """Removes the app and the directory and disconnects, whatever state they are in."""
+    with contextlib.suppress(Exception):
+        serve.shutdown()
+    with contextlib.suppress(Exception):
+        kill_directory()
+    ray.shutdown()

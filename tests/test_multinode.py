@@ -18,14 +18,14 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 
-from expert_service.directory import DEFAULT_NAME, NAMESPACE, ExpertDirectory, kill_directory
+from expert_service.directory import DEFAULT_NAME, NAMESPACE, ExpertDirectory
 from router_service import cli, client
 from router_service.engine import local_engine
 from router_service.launcher import deploy, load_config
 from router_service.record import read_trace
 from router_service.sampling import SamplingParams
 from router_service.simulate import simulate
-from tests.cluster_fixtures import free_port
+from tests.cluster_fixtures import free_port, stop_app
 from tests.conftest import run
 
 pytestmark = pytest.mark.cluster
@@ -95,11 +95,7 @@ def multinode(tiny_model):
             address = deploy(cfg, wait_s=300)
             yield cluster, workers, address
         finally:
-            with contextlib.suppress(Exception):
-                serve.shutdown()
-            with contextlib.suppress(Exception):
-                kill_directory()
-            ray.shutdown()
+            stop_app()
             cluster.shutdown()
 
 
