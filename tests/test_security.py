@@ -28,7 +28,7 @@ from router_service.sampling import SamplingParams
 from tests.cluster_fixtures import free_port, running_app
 from tests.conftest import run
 from tests.pki import CA
-from tests.reliability_helpers import call, directory_table, experts, small_model
+from tests.reliability_helpers import call, directory_table, experts, small_model, wait_until
 
 OK, UNAUTHENTICATED, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE
 
@@ -169,6 +169,8 @@ def test_gateway_tls_and_bearer_tokens(secured, pki):
             return call(getattr(stub, method), req, timeout=60)
 
     ca, tls = pki["ca"].path, secured["tls"]
+    # The first call after deployment can meet replicas still settling (UNAVAILABLE); allow that once.
+    wait_until(lambda: complete(tls, ca, "token-2025")[0] == OK, 30, "the TLS gateway answers", every_s=1.0)
     for token in ("token-2025", "token-2024"):  # either of the configured tokens
         code, _, reply = complete(tls, ca, token)
         assert code == OK and list(reply.token_ids) == want  # also proves router -> expert mTLS works
