@@ -218,8 +218,10 @@ class Engine:
         return segments, h_TH
 
     def _emit(self, group: list[_Sequence], segments: list[model.Segment], h_TH: torch.Tensor):
-        last = list(itertools.accumulate(seg.length for seg in segments))
-        for s, seg, end in zip(group, segments, last):
+        ends = list(itertools.accumulate(seg.length for seg in segments))
+        # One lm_head GEMM over every sequence's last position: [B, V]
+        logits_BV = model.logits(self.weights, h_TH[[end - 1 for end in ends]])
+        for b, (s, seg, end) in enumerate(zip(group, segments, ends)):
             if s.done:
                 continue
             if s.params is None:
@@ -227,7 +229,7 @@ class Engine:
                 self._finish(s)
                 continue
             try:
-                tok = sample(model.logits(self.weights, h_TH[end - 1]), s.params, s.generator)
+                tok = sample(logits_BV[b], s.params, s.generator)
             except Exception as e:  # one sequence's sampling fault must not fail its neighbours
                 s.done = True
                 s.out.put_nowait(e)

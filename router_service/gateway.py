@@ -101,6 +101,11 @@ def _fail(ctx, e: BaseException):
     raise _Fail(message) from None
 
 
+# Replica states in which a router replica takes calls.
+LIVE_STATES = ("RUNNING", "PENDING_MIGRATION")
+ROUTER_GRACE_S = 1.0
+
+
 @serve.deployment(max_ongoing_requests=2048, health_check_period_s=2)
 class Gateway:
     def __init__(self, router: DeploymentHandle, model_dir: str, request_timeout_s: float = 300.0, *,
@@ -138,32 +143,43 @@ class Gateway:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
     async def _watch_router(self):
-        """Keeps `router_replicas` (running router replicas, as Serve's controller sees them) fresh."""
+        """Keeps `router_replicas` (running router replicas, as Serve's controller sees them) fresh.
+        Zero only after two looks a second apart agree, so a replica passing between states is not
+        taken for an absent router."""
+        seen = []
         while True:
             try:
                 status = await asyncio.to_thread(serve.status)
-                app = status.applications[self.router.app_name]
-                self.router_replicas = app.deployments[self.router.deployment_name].replica_states.get("RUNNING", 0)
+                dep = status.applications[self.router.app_name].deployments[self.router.deployment_name]
+                states = dict(dep.replica_states)
+                seen = (seen + [sum(states.get(s, 0) for s in LIVE_STATES)])[-2:]
+                if max(seen) == 0 and self.router_replicas != 0:
+                    log.warning("no running router replica: %s (%s) %s", states, dep.status, dep.message)
+                self.router_replicas = max(seen)
             except Exception as e:  # the controller may be restarting: keep the last answer
                 log.debug("router status unavailable: %r", e)
             await asyncio.sleep(1.0)
 
     async def _taken(self, response, wait_s: float | None = None):
         """Waits until a router replica has taken the call. With none running (dead, restarting),
-        Serve would hold the call until a new one is up, minutes for a big model: fail at once with
-        UNAVAILABLE instead, so callers can go elsewhere or retry. router_wait_s bounds the wait in any
+        Serve would hold the call until a new one is up, minutes for a big model: fail within about a
+        second with UNAVAILABLE instead, so callers can go elsewhere or retry. router_wait_s bounds the wait in any
         case; under load taking a call can legitimately take seconds, so it is generous."""
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch_router())
         streaming = isinstance(response, DeploymentResponseGenerator)
         taken = asyncio.ensure_future(response._to_object_ref_gen() if streaming else response._to_object_ref())
-        deadline = asyncio.get_running_loop().time() + (wait_s or self.router_wait_s)
+        start = asyncio.get_running_loop().time()
+        deadline = start + (wait_s or self.router_wait_s)
         try:
             while not taken.done():
-                left = deadline - asyncio.get_running_loop().time()
-                if self.router_replicas == 0 or left <= 0:
-                    raise RouterUnavailable("router unavailable (no running replica), retry shortly")
-                await asyncio.wait({taken}, timeout=min(0.25, left))
+                now = asyncio.get_running_loop().time()
+                # Serve's status can lag its routing: fail fast only once the call has waited a little too.
+                absent = self.router_replicas == 0 and now - start >= ROUTER_GRACE_S
+                if absent or now >= deadline:
+                    why = "no running replica" if absent else f"no replica took the call in {now - start:.0f}s"
+                    raise RouterUnavailable(f"router unavailable ({why}), retry shortly")
+                await asyncio.wait({taken}, timeout=min(0.25, deadline - now))
             taken.result()
         except BaseException:
             taken.cancel()
