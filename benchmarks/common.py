@@ -79,13 +79,12 @@ class ExpertServers:
 
     def __init__(self, model_dir, shards: dict[str, list[int]], *, device="cpu", dtype="float32", threads=None):
         self.procs, self.addresses = [], {}
-        env = dict(os.environ)
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
+        # The cores shared out: OpenMP threads left spinning in idle servers slow the busy one.
+        threads = threads or max(1, (os.cpu_count() or 1) // len(shards))
         for name, experts in shards.items():
             cmd = [sys.executable, "-m", "expert_service", "--model", str(model_dir), "--experts",
-                   ",".join(map(str, experts)), "--device", device, "--dtype", dtype]
-            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+                   ",".join(map(str, experts)), "--device", device, "--dtype", dtype, "--threads", str(threads)]
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
             self.procs.append(p)
             line = p.stdout.readline()
             if not line:

@@ -15,7 +15,8 @@ decode steps. `ratio` = our tokens/s over transformers' at the same batch size; 
 our requests whose tokens equal transformers' (up to our EOS, where ours stops).
 
     python -m benchmarks.e2e [--concurrency 1,8,32] [--new-tokens 64] [--prompt-len 64]
-                             [--transport grpc|handle] [--micro-batches N] [--name e2e__VARIANT]
+                             [--transport grpc|handle] [--micro-batches N] [--router-threads N]
+                             [--name e2e__VARIANT]
 """
 from __future__ import annotations
 
@@ -162,12 +163,14 @@ async def _served(address: str, prompts, batches, new_tokens, timeout) -> tuple[
 
 
 def served_runs(model_dir: Path, prompts, batches, new_tokens, *, transport: str, micro_batches: int,
-                timeout: float) -> tuple[list[dict], dict]:
+                router_threads: int | None, timeout: float) -> tuple[list[dict], dict]:
     from tests.cluster_fixtures import running_app
 
     app_args = {"transport": transport}
     if micro_batches != 1:
         app_args["micro_batches"] = micro_batches
+    if router_threads:
+        app_args["router_threads"] = router_threads
     t0 = time.perf_counter()
     with running_app(model_dir, **app_args) as (address, _):
         print(f"app up at {address} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -183,6 +186,7 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--transport", default="grpc", choices=["grpc", "handle"], help="the router's expert dispatcher")
     p.add_argument("--micro-batches", type=int, default=1, help="router micro-batches per step (2 = ping-pong)")
+    p.add_argument("--router-threads", type=int, help="torch threads of the router (default: Ray's, 1)")
     p.add_argument("--hf-experts", default="eager,grouped_mm",
                    help="transformers experts_implementation(s); with several, the fastest in a warm-up is timed")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
@@ -200,7 +204,7 @@ def main(argv=None):
         hf_rows, hf_out, hf_info = transformers_runs(model_dir, prompts, batches, a.new_tokens,
                                                      a.hf_experts.split(","))
     ours, our_out = served_runs(model_dir, prompts, batches, a.new_tokens, transport=a.transport,
-                                micro_batches=a.micro_batches, timeout=a.timeout)
+                                micro_batches=a.micro_batches, router_threads=a.router_threads, timeout=a.timeout)
     rows = []
     for r in ours:
         b = r["batch"]
@@ -214,7 +218,7 @@ def main(argv=None):
     meta = {"model": str(shown), "config": {k: getattr(cfg, k) for k in (
         "hidden_size", "intermediate_size", "n_layers", "n_experts", "top_k", "vocab_size")},
             "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "transport": a.transport,
-            "micro_batches": a.micro_batches, "transformers": hf_info, "note": a.note}
+            "micro_batches": a.micro_batches, "router_threads": a.router_threads, "transformers": hf_info, "note": a.note}
     save(a.name, rows, meta, ["batch", "system", "tokens_per_s", "ratio", "p50_tpot_ms", "p99_tpot_ms", "ttft_ms",
                               "tokens", "wall_s", "match"])
 

@@ -46,6 +46,11 @@ async def serve(a) -> None:
         raise ValueError(f"--device {a.device!r} is not a torch device (cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {a.device}: torch sees no CUDA device here")
+    # CPU threads for torch: after each parallel region OpenMP's threads spin a while, so several
+    # servers with a thread per core each keep one another off the cores (measured: benchmarks/call_overhead).
+    threads = a.threads or (1 if device.type == "cuda" else None)
+    if threads:
+        torch.set_num_threads(threads)
     shard = ExpertShard.load(Checkpoint(a.model), pairs, device=device, dtype=getattr(torch, a.dtype))
     max_bytes = a.max_message_mb << 20
     servicer = ExpertServicer(shard, max_message_bytes=max_bytes)
@@ -70,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 with --device cuda, else torch's; "
+                                               "give several servers on one machine cores / servers)")
     p.add_argument("--max-message-mb", type=int, default=256)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on shutdown")
     a = p.parse_args(argv)

@@ -5,10 +5,12 @@ N = T * K routed rows, Q query heads, G kv heads, D head dim, S cached positions
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from moe_core.checkpoint import Checkpoint, dense_shapes
 from moe_core.config import MoEConfig
@@ -98,20 +100,36 @@ def attention(cfg: MoEConfig, w: LayerWeights, layer: int, x_TH: torch.Tensor, s
     k_TGD = apply_rope(F.linear(x_TH, w.wk).view(T, G, D), cos_TD, sin_TD)
     v_TGD = F.linear(x_TH, w.wv).view(T, G, D)
     out_TQD = torch.empty_like(q_TQD)
-    row = 0
-    for seg in segments:  # sequences differ in length, so attention runs per sequence
-        n, s = seg.length, seg.start
-        k_GSD, v_GSD = seg.cache.write(layer, s, k_TGD[row:row + n], v_TGD[row:row + n])
-        q_QnD = q_TQD[row:row + n].transpose(0, 1)
-        qpos = torch.arange(s, s + n)[:, None]
-        kpos = torch.arange(s + n)[None, :]
-        mask_nS = kpos <= qpos
-        if cfg.sliding_window is not None:
-            mask_nS &= kpos > qpos - cfg.sliding_window
-        y = F.scaled_dot_product_attention(q_QnD, k_GSD, v_GSD, attn_mask=mask_nS, enable_gqa=G != Q)
-        out_TQD[row:row + n] = y.transpose(0, 1)
-        row += n
+    rows = list(itertools.accumulate((seg.length for seg in segments), initial=0))
+    decode = [i for i, seg in enumerate(segments) if seg.length == 1]
+    for i, seg in enumerate(segments):
+        if seg.length > 1:  # prompts differ in length: attention runs per sequence
+            r, n, s = rows[i], seg.length, seg.start
+            k_GSD, v_GSD = seg.cache.write(layer, s, k_TGD[r:r + n], v_TGD[r:r + n])
+            qpos, kpos = torch.arange(s, s + n)[:, None], torch.arange(s + n)[None, :]
+            y_QnD = F.scaled_dot_product_attention(q_TQD[r:r + n].transpose(0, 1), k_GSD, v_GSD,
+                                                   attn_mask=_causal(cfg, qpos, kpos), enable_gqa=G != Q)
+            out_TQD[r:r + n] = y_QnD.transpose(0, 1)
+    if decode:  # one new token per sequence: one attention call over the padded caches
+        r_B = torch.tensor([rows[i] for i in decode])
+        ks, vs = zip(*(segments[i].cache.write(layer, segments[i].start, k_TGD[r:r + 1], v_TGD[r:r + 1])
+                       for i, r in zip(decode, r_B.tolist())))
+        k_BGSD = pad_sequence([k.transpose(0, 1) for k in ks], batch_first=True).transpose(1, 2)
+        v_BGSD = pad_sequence([v.transpose(0, 1) for v in vs], batch_first=True).transpose(1, 2)
+        qpos_B1 = torch.tensor([segments[i].start for i in decode])[:, None]
+        mask_BS = _causal(cfg, qpos_B1, torch.arange(k_BGSD.shape[2])[None, :])
+        y_BQ1D = F.scaled_dot_product_attention(q_TQD[r_B][:, :, None], k_BGSD, v_BGSD,
+                                                attn_mask=mask_BS[:, None, None], enable_gqa=G != Q)
+        out_TQD[r_B] = y_BQ1D[:, :, 0]
     return F.linear(out_TQD.reshape(T, Q * D), w.wo)  # [T, H]
+
+
+def _causal(cfg: MoEConfig, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    """Which keys each query sees: earlier or same positions, within the sliding window if any."""
+    mask = kpos <= qpos
+    if cfg.sliding_window is not None:
+        mask &= kpos > qpos - cfg.sliding_window
+    return mask
 
 
 def route(x_TH: torch.Tensor, gate_EH: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,7 +124,10 @@ def check(call, request, state, source: str):
     assert y.dtype == x.dtype and y.shape == x.shape
     tol = 1e-5 if x.dtype == torch.float32 else 1e-2
     want = reference(state, x, request.segments).to(x.dtype)
-    torch.testing.assert_close(y.float(), want.float(), rtol=tol, atol=tol)
+    # Random bits can be finite yet huge (1e20 in bfloat16): the expert math then overflows, on the
+    # server as in the reference, and only the finite part of the answer can be compared.
+    finite = want.isfinite()
+    torch.testing.assert_close(y[finite].float(), want[finite].float(), rtol=tol, atol=tol)
 
 
 def test_fuzzed_requests_are_refused_cleanly_then_valid_one_answers(served):

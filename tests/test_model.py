@@ -63,6 +63,31 @@ def test_incremental_decode_equals_full_recompute(tiny_model):
     torch.testing.assert_close(cache.k, full_cache.k, atol=1e-6, rtol=1e-6)
 
 
+def test_mixed_step_equals_each_sequence_alone(tiny_model):
+    """Decodes of different cache lengths share one padded attention call beside a prefill."""
+    ckpt = Checkpoint(tiny_model)
+    cfg, w = ckpt.config, model.DenseWeights.load(ckpt)
+    disp = InProcessDispatcher(ExpertShard.load(ckpt, all_pairs(cfg)))
+    g = torch.Generator().manual_seed(3)
+    lengths = [5, 17, 1]  # cached positions of three decoding sequences; then a new prompt of 9
+    seqs = [torch.randint(0, cfg.vocab_size, (n + 1,), generator=g) for n in lengths + [8]]
+
+    def caches():
+        out = []
+        for ids, n in zip(seqs[:3], lengths):
+            c = model.KVCache(cfg, 32)
+            run(model.forward(cfg, w, ids[:n], [model.Segment(c, 0, n)], disp))
+            out.append(c)
+        return out
+    alone = [run(model.forward(cfg, w, ids[n:n + 1], [model.Segment(c, n, 1)], disp))
+             for ids, n, c in zip(seqs, lengths, caches())]
+    alone.append(run(model.forward(cfg, w, seqs[3][:9], [model.Segment(model.KVCache(cfg, 32), 0, 9)], disp)))
+    segs = [model.Segment(c, n, 1) for n, c in zip(lengths, caches())] + [model.Segment(model.KVCache(cfg, 32), 0, 9)]
+    tokens = torch.cat([ids[n:n + 1] for ids, n in zip(seqs[:3], lengths)] + [seqs[3][:9]])
+    together = run(model.forward(cfg, w, tokens, segs, disp))
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
 def test_batched_requests_equal_solo(tiny_model):
     engine = local_engine(tiny_model)
     prompts = [[1, 2, 3], list(range(5, 30)), [7], list(range(100, 140, 3))]

@@ -1,0 +1,78 @@
+"""Question: what does one expert call cost beyond its math, alone and eight at once?
+
+Expert servers (`python -m expert_service`, one expert each) on this machine, called from this
+process through ExpertClient:
+- `info`: the Info RPC, an empty round trip (gRPC alone);
+- `forward`: a Forward of `rows` rows (bytes in the message, or `cuda_ipc` buffers with only the
+  envelope on the wire), to one server, calls one after another;
+- `forward x8`: the same to eight servers at once (one MoE layer's scatter), one after another
+  (`sequential`) or concurrently (`concurrent`), ms for all eight.
+
+    python -m benchmarks.call_overhead [--device cuda] [--rows 1,16,128,1024]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+
+import torch
+
+from benchmarks.common import ExpertServers, iters_for, run, save, time_async
+from benchmarks.moe_layer import layer_checkpoint
+from expert_service.client import ExpertClient
+
+
+async def _probe(addresses: list[str], hidden: int, rows_list: list[int], device: str, dtype) -> list[dict]:
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    out = []
+
+    async def timed(what, fn, **extra):
+        est = (await time_async(fn, iters=2, warmup=2, sync=sync))["ms"]
+        r = await time_async(fn, iters=iters_for(est, budget_s=2.0), sync=sync)
+        out.append({"call": what, **extra, "ms": r["ms"], "p90_ms": r["p90_ms"]})
+        print(out[-1], flush=True)
+
+    kinds = [None, "cuda_ipc"] if device == "cuda" else [None, "shm"]
+    for shared in kinds:
+        clients = [ExpertClient(a, shared=shared) for a in addresses]
+        transport = shared or "bytes"
+        if shared is None:
+            await timed("info", lambda: clients[0].info(timeout=30), transport="grpc")
+        for n in rows_list:
+            x = torch.randn(n, hidden, device=device, dtype=dtype)
+            await timed("forward", lambda: clients[0].forward(x, [(0, 0, n)], timeout=60), transport=transport, rows=n)
+
+            async def sequential():
+                for i, c in enumerate(clients):
+                    await c.forward(x, [(0, i, n)], timeout=60)
+
+            async def concurrent():
+                await asyncio.gather(*(c.forward(x, [(0, i, n)], timeout=60) for i, c in enumerate(clients)))
+            await timed("forward x8 sequential", sequential, transport=transport, rows=n)
+            await timed("forward x8 concurrent", concurrent, transport=transport, rows=n)
+        for c in clients:
+            await c.close()
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="mixtral-8x7b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rows", default="1,16,128,1024")
+    p.add_argument("--name", default=None, help="results file name (default: call_overhead__DEVICE)")
+    a = p.parse_args(argv)
+    dtype = "bfloat16" if a.device == "cuda" else "float32"
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = layer_checkpoint(a.preset, d, getattr(torch, dtype))
+        n = ckpt.config.n_experts
+        with ExpertServers(d, {f"expert-{e}": [e] for e in range(n)}, device=a.device, dtype=dtype) as servers:
+            rows = run(_probe(list(servers.addresses.values()), ckpt.config.hidden_size,
+                              [int(r) for r in a.rows.split(",")], a.device, getattr(torch, dtype)))
+    save(a.name or f"call_overhead__{a.device}", rows, {"preset": a.preset, "dtype": dtype},
+         ["call", "transport", "rows", "ms", "p90_ms"])
+
+
+if __name__ == "__main__":
+    main()
