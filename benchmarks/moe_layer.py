@@ -45,6 +45,17 @@ def gemm_tflops(device, dtype, m=8192, k=4096, n=14336) -> float:
 
 
 async def _bench_all(ckpt, tokens, transports, device, dtype, wire_dtype):
+    """The Ray Serve handle baseline runs last, on its own: a running Ray (sixteen more processes)
+    would slow every other row on a small machine. Its ratio is to an in-process run measured then."""
+    first = [t for t in transports if t != "handle"]
+    rows = await _bench(ckpt, tokens, first, device, dtype, wire_dtype) if first else []
+    if "handle" in transports:
+        rows += [r for r in await _bench(ckpt, tokens, ["inprocess", "handle"], device, dtype, wire_dtype)
+                 if r["transport"] == "handle" or not first]
+    return sorted(rows, key=lambda r: r["T"])  # stable: each T's rows in the order measured
+
+
+async def _bench(ckpt, tokens, transports, device, dtype, wire_dtype):
     from expert_service.experts import ExpertShard
     from router_service.grpc_dispatch import GrpcDispatcher
 

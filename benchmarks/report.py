@@ -17,6 +17,7 @@ from benchmarks.common import RESULTS, table
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 ORDER = ["codec", "moe_layer", "e2e"]
+GPU_ONLY = ["expert_math", "call_overhead"]
 
 # How a variant is compared with its base: the columns that identify a row, the figure, and whether
 # higher is better. The transformers row's label carries its expert implementation; compare by system.
@@ -70,19 +71,25 @@ def targets(res: dict[str, dict]) -> list[dict]:
             out.append(_check(name, f"{row['ratio']:.2f}x ({row['ms']:.1f} ms)" if row else "-", f"<= {limit}x",
                               None if row is None else row["ratio"] <= limit))
 
-    gpu = res.get("moe_layer__h200")
-    rows = (gpu or {}).get("rows", [])
+    # The H200 run, and runs of later changes measured against it (compare_to): each target takes its best.
+    gpu_runs = {n: d for n, d in res.items()
+                if n == "moe_layer__h200" or (n.startswith("moe_layer__h200") and d.get("compare_to") == "moe_layer__h200")}
+    rows = [dict(r, run=n) for n, d in gpu_runs.items() for r in d["rows"]]
 
     def at(T, transport):
-        return next((r for r in rows if r.get("T") == T and r.get("transport") == transport), None)
+        return [r for r in rows if r.get("T") == T and r.get("transport") == transport]
     for transports, limit, what in ((("grpc",), 2.0, "gRPC (bytes)"),
                                     (("cuda_ipc", "cuda_ipc/1", "shm", "grpc/1"), 1.25, "fastest transport")):
-        found = [r for r in (at(1024, t) for t in transports) if r]
+        found = [r for t in transports for r in at(1024, t)]
         best = min(found, key=lambda r: r["ratio"]) if found else None
         out.append(_check(f"moe_layer {what} / in-process at T=1024, Mixtral-8x7B bf16 on GPU",
-                          f"{best['ratio']:.2f}x ({best['transport']}, {best['ms']:.1f} ms)" if best else "-",
+                          f"{best['ratio']:.2f}x ({best['transport']}, {best['ms']:.1f} ms; {best['run']})" if best else "-",
                           f"<= {limit}x", None if best is None else best["ratio"] <= limit))
-    math = [r for r in rows if r.get("transport") == "expert math only" and r.get("T", 0) >= 4096]
+    math = {}
+    for r in rows:  # per T, the best run
+        if r.get("transport") == "expert math only" and r.get("T", 0) >= 4096:
+            math[r["T"]] = max(math.get(r["T"], r), r, key=lambda m: m["of_gemm_peak"])
+    math = [math[T] for T in sorted(math)]
     worst = min(math, key=lambda r: r["of_gemm_peak"]) if math else None
     out.append(_check("expert math / measured bf16 matmul rate at T >= 4096, GPU",
                       ", ".join(f"{r['of_gemm_peak']:.1%} at T={r['T']}" for r in math) or "-", ">= 75%",
@@ -173,7 +180,11 @@ def compare(base: dict, variant: dict, family: str) -> list[dict] | None:
 
 def optimizations(res: dict[str, dict]) -> list[str]:
     lines = ["## Optimizations", ""]
-    variants = [n for n in res if "__" in n]
+    # A variant is a run compared with another: `<benchmark>__<variant>`, or any run naming its
+    # "before" in compare_to. A "before" run that names none of its own is shown only as that.
+    befores = {d.get("compare_to") for d in res.values()}
+    variants = [n for n, d in res.items() if n.split("__")[0] in COMPARE
+                and (d.get("compare_to") or ("__" in n and n not in befores))]
     if not variants:
         return lines + ["No variant results yet: a run saved as `<benchmark>__<variant>.json` (the scripts' "
                         "`--name`, with `--note` saying what it changes) appears here next to its base run.", ""]
@@ -210,8 +221,13 @@ def render(res: dict[str, dict]) -> str:
              "under Optimizations next to the base run.", "", "```sh",
              "make bench   # everything below, then this page"]
     lines += [u for u in map(usage, ORDER + ["run_all", "report"]) if u]
+    lines += ["```", "", "GPU-only questions (run on the lent H200, not part of `make bench`):", "", "```sh"]
+    lines += [u for u in map(usage, GPU_ONLY) if u]
     lines += ["```", ""]
-    bases = [n for n in ORDER if n in res] + sorted(n for n in res if "__" not in n and n not in ORDER)
+    # Results of benchmarks that have no before/after figure (GPU-only questions) are sections of their own.
+    own = [n for n in res if n not in ORDER and n.split("__")[0] not in COMPARE]
+    bases = [n for n in ORDER if n in res] + sorted(n for n in res if "__" not in n and n not in ORDER) \
+        + sorted(n for n in own if "__" in n)
     for name in bases:
         lines += section(name, res[name])
     lines += optimizations(res)

@@ -1,8 +1,9 @@
 """`make bench`: every benchmark in turn (codec, moe_layer, e2e), then BENCHMARKS.md.
 
 A benchmark that fails does not stop the others; the exit status says whether all ran. On a
-machine with CUDA, moe_layer runs on the GPU in bfloat16 (in-process and gRPC); on CPU it also
-runs the Ray Serve handle baseline. Extra arguments for one script: --args NAME="...".
+machine with CUDA, moe_layer runs on the GPU at Mixtral-8x7B shapes in bfloat16 (every transport)
+and is saved as `moe_layer__<gpu>`, and expert_math and call_overhead run too; on CPU moe_layer
+also runs the Ray Serve handle baseline. Extra arguments for one script: --args NAME="...".
 
     python -m benchmarks.run_all [--only codec,moe_layer,e2e] [--args e2e="--concurrency 1,8"] [--out FILE]
 """
@@ -19,33 +20,44 @@ from benchmarks import report
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ["codec", "moe_layer", "e2e"]
+GPU_ONLY = ["expert_math", "call_overhead"]  # run too when this machine has a GPU
+
+
+def gpu_name() -> str | None:
+    """A short name for the GPU ("h200"), None without one: GPU results are saved as variants."""
+    import torch
+    return torch.cuda.get_device_name(0).split()[-1].lower() if torch.cuda.is_available() else None
 
 
 def default_args(name: str) -> list[str]:
+    gpu = gpu_name()
+    if name == "moe_layer" and gpu:
+        return ["--preset", "mixtral-8x7b", "--device", "cuda", "--dtype", "bfloat16", "--tokens",
+                "1,64,512,1024,4096,8192", "--transports", "inprocess,grpc/1,cuda_ipc/1,grpc,shm,cuda_ipc",
+                "--name", f"moe_layer__{gpu}"]
     if name == "moe_layer":
-        import torch
-        if torch.cuda.is_available():
-            return ["--device", "cuda", "--dtype", "bfloat16", "--transports", "inprocess,grpc"]
-        return ["--transports", "inprocess,grpc,handle"]
+        return ["--transports", "inprocess,grpc,shm,handle"]
+    if name in ("expert_math", "call_overhead") and gpu:
+        return ["--name", f"{name}__{gpu}"]
     return []
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=",".join(ORDER))
+    p.add_argument("--only", default=",".join(ORDER + (GPU_ONLY if gpu_name() else [])))
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="the report to write")
     p.add_argument("--args", action="append", default=[], metavar='NAME="ARGS"',
                    help="extra arguments for one benchmark, e.g. e2e=\"--concurrency 1,8\"")
     a = p.parse_args(argv)
     names = a.only.split(",")
-    unknown = [n for n in names if n not in ORDER]
+    unknown = [n for n in names if n not in ORDER + GPU_ONLY]
     if unknown:
-        p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(ORDER)}")
+        p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(ORDER + GPU_ONLY)}")
     extra = {}
     for item in a.args:
         name, _, text = item.partition("=")
-        if name not in ORDER:
-            p.error(f"--args {item!r}: NAME must be one of {', '.join(ORDER)}")
+        if name not in ORDER + GPU_ONLY:
+            p.error(f"--args {item!r}: NAME must be one of {', '.join(ORDER + GPU_ONLY)}")
         extra[name] = shlex.split(text)
     failed = []
     for name in names:

@@ -28,7 +28,7 @@ class Staging:
         return host
 
     def to_device(self, t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-        if torch.device(device).type != "cuda":
+        if t.is_cuda or torch.device(device).type != "cuda":  # no pageable host memory involved
             return t.to(device, dtype or t.dtype)
         host = self._host(t.numel() * t.element_size()).view(t.dtype).view(t.shape)
         host.copy_(t)

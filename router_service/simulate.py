@@ -86,8 +86,10 @@ def load_costs(path: str | Path | None = None, *, transport: str | None = None,
 
 def _gpu_benchmark() -> Path | None:
     """The GPU run of benchmarks/moe_layer.py on the largest shape (small matrices leave a GPU idle
-    and would flatter the experts); a CPU run says nothing about a GPU deployment."""
-    found = []
+    and would flatter the experts) that measured the most transports; a run that a later one
+    measured again in full (naming it in `compare_to`) is superseded. A CPU run says nothing about
+    a GPU deployment."""
+    runs = {}
     for p in sorted(RESULTS_DIR.glob("*.json")) if RESULTS_DIR.is_dir() else []:
         try:
             d = json.loads(p.read_text())
@@ -95,9 +97,12 @@ def _gpu_benchmark() -> Path | None:
             continue
         if (isinstance(d, dict) and str(d.get("benchmark", "")).startswith("moe_layer")
                 and str(d.get("device", "")).startswith("cuda") and d.get("preset") in _known_presets()):
-            cfg = preset(d["preset"])
-            found.append((cfg.hidden_size * cfg.intermediate_size, p))
-    return max(found)[1] if found else None
+            runs[p.stem] = (p, d, {r.get("transport") for r in d.get("rows", [])})
+    superseded = {d.get("compare_to") for _, d, t in runs.values()
+                  if d.get("compare_to") in runs and t >= runs[d["compare_to"]][2]}
+    found = [(preset(d["preset"]).hidden_size * preset(d["preset"]).intermediate_size, len(t), p)
+             for name, (p, d, t) in runs.items() if name not in superseded]
+    return max(found)[2] if found else None
 
 
 def _replace(costs: Costs, **kw) -> Costs:
