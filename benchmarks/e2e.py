@@ -7,6 +7,7 @@ was faster in an untimed warm-up at that batch size; its model is then freed. Th
 cluster comes up in this process with the app deployed (gateway, router, one deployment per
 expert) and 1, 8, 32 streaming `Generate` calls go to the gateway at once over grpc.aio, with the
 same prompts (greedy), after an untimed warm-up round; each token is timestamped on arrival.
+Each expert keeps one replica (autoscaling off), so the figures are the data path's.
 
 tokens/s = new tokens of all requests / wall time from sending to the last token (prefill
 included, as in `generate`). TPOT = gap between consecutive tokens of one request (p50, p99 over
@@ -15,7 +16,7 @@ decode steps. `ratio` = our tokens/s over transformers' at the same batch size; 
 our requests whose tokens equal transformers' (up to our EOS, where ours stops).
 
     python -m benchmarks.e2e [--concurrency 1,8,32] [--new-tokens 64] [--prompt-len 64]
-                             [--transport grpc|handle] [--micro-batches N] [--router-threads N]
+                             [--transport grpc|handle] [--micro-batches N] [--router-cpus N]
                              [--name e2e__VARIANT]
 """
 from __future__ import annotations
@@ -162,17 +163,28 @@ async def _served(address: str, prompts, batches, new_tokens, timeout) -> tuple[
     return rows, outputs
 
 
+def one_replica_each(cfg: dict, router_cpus: int = 0) -> dict:
+    """Every expert at one replica, autoscaling off: replicas started mid-run would share the same
+    cores (and take them while loading), so the run would measure start-ups, not the data path.
+    router_cpus: CPUs the router reserves (Ray then gives its torch as many threads; 0: one)."""
+    for d in cfg["applications"][0]["deployments"]:
+        if d["name"].startswith("expert-"):
+            d.pop("autoscaling_config", None)
+            d["num_replicas"] = 1
+        if d["name"] == "Router" and router_cpus:
+            d.setdefault("ray_actor_options", {})["num_cpus"] = router_cpus
+    return cfg
+
+
 def served_runs(model_dir: Path, prompts, batches, new_tokens, *, transport: str, micro_batches: int,
-                router_threads: int | None, timeout: float) -> tuple[list[dict], dict]:
+                router_cpus: int, timeout: float) -> tuple[list[dict], dict]:
     from tests.cluster_fixtures import running_app
 
     app_args = {"transport": transport}
     if micro_batches != 1:
         app_args["micro_batches"] = micro_batches
-    if router_threads:
-        app_args["router_threads"] = router_threads
     t0 = time.perf_counter()
-    with running_app(model_dir, **app_args) as (address, _):
+    with running_app(model_dir, edit=lambda cfg: one_replica_each(cfg, router_cpus), **app_args) as (address, _):
         print(f"app up at {address} in {time.perf_counter() - t0:.0f} s", flush=True)
         return asyncio.run(_served(address, prompts, batches, new_tokens, timeout))
 
@@ -186,7 +198,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--transport", default="grpc", choices=["grpc", "handle"], help="the router's expert dispatcher")
     p.add_argument("--micro-batches", type=int, default=1, help="router micro-batches per step (2 = ping-pong)")
-    p.add_argument("--router-threads", type=int, help="torch threads of the router (default: Ray's, 1)")
+    p.add_argument("--router-cpus", type=int, default=0, help="CPUs the router replica reserves, and so its "
+                                                              "torch threads (default 0: one thread)")
     p.add_argument("--hf-experts", default="eager,grouped_mm",
                    help="transformers experts_implementation(s); with several, the fastest in a warm-up is timed")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
@@ -204,7 +217,7 @@ def main(argv=None):
         hf_rows, hf_out, hf_info = transformers_runs(model_dir, prompts, batches, a.new_tokens,
                                                      a.hf_experts.split(","))
     ours, our_out = served_runs(model_dir, prompts, batches, a.new_tokens, transport=a.transport,
-                                micro_batches=a.micro_batches, router_threads=a.router_threads, timeout=a.timeout)
+                                micro_batches=a.micro_batches, router_cpus=a.router_cpus, timeout=a.timeout)
     rows = []
     for r in ours:
         b = r["batch"]
@@ -218,7 +231,7 @@ def main(argv=None):
     meta = {"model": str(shown), "config": {k: getattr(cfg, k) for k in (
         "hidden_size", "intermediate_size", "n_layers", "n_experts", "top_k", "vocab_size")},
             "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "transport": a.transport,
-            "micro_batches": a.micro_batches, "router_threads": a.router_threads, "transformers": hf_info, "note": a.note}
+            "micro_batches": a.micro_batches, "router_cpus": a.router_cpus, "transformers": hf_info, "note": a.note}
     save(a.name, rows, meta, ["batch", "system", "tokens_per_s", "ratio", "p50_tpot_ms", "p99_tpot_ms", "ttft_ms",
                               "tokens", "wall_s", "match"])
 

@@ -18,8 +18,7 @@ def build_app(args: dict) -> serve.Application:
     """args: model (dir, required), layers_per_shard, expert_dtype, directory, max_running,
     max_queued, expert_timeout_s, request_timeout_s, wire_dtype, transport ("grpc" or "handle"),
     micro_batches (2 = ping-pong overlap of attention and expert calls), shared_memory ("shm": tensors
-    to replicas on the router's node through /dev/shm, "" = bytes over gRPC), router_threads (torch threads
-    for the router's dense math; default: Ray's, one per CPU the replica reserves); security (docs/reliability.md):
+    to replicas on the router's node through /dev/shm, "" = bytes over gRPC); security (docs/reliability.md):
     auth_token_file, require_tls, expert_tls {ca, cert, key, client_cert, client_key, server_name};
     limits: max_request_bytes, router_wait_s."""
     model = args["model"]
@@ -34,8 +33,7 @@ def build_app(args: dict) -> serve.Application:
                          max_running=args.get("max_running", 64), max_queued=args.get("max_queued", 256),
                          expert_timeout_s=args.get("expert_timeout_s", 30.0), wire_dtype=args.get("wire_dtype"),
                          transport=args.get("transport", "grpc"), micro_batches=args.get("micro_batches", 1),
-                         shared_memory=args.get("shared_memory", ""), expert_tls=expert_tls,
-                         threads=args.get("router_threads"))
+                         shared_memory=args.get("shared_memory", ""), expert_tls=expert_tls)
     gateway_args = {k: args[k] for k in ("max_request_bytes", "router_wait_s", "auth_token_file", "require_tls")
                     if args.get(k) is not None}
     return Gateway.bind(router, model, args.get("request_timeout_s", 300.0), **gateway_args)
