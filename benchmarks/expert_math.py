@@ -56,7 +56,8 @@ def main(argv=None):
         segs = [(0, e, n) for e, n in enumerate(counts)]
         flops = 2 * 3 * xs.shape[0] * cfg.hidden_size * cfg.intermediate_size
         outs = {}
-        _, w13, w2 = shard.stacks[0]
+        w13 = torch.stack([shard.fused[0, e][0] for e in range(cfg.n_experts)])  # [E, 2I, H]
+        w2 = torch.stack([shard.fused[0, e][1] for e in range(cfg.n_experts)])   # [E, H, I]
         for way, fn in (("loop", lambda: shard.forward(xs, segs)), ("grouped", lambda: grouped_ffn(xs, w13, w2, counts))):
             async def math():
                 outs[way] = fn()

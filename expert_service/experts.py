@@ -25,24 +25,14 @@ def fused_ffn(x_TH: torch.Tensor, w13_2IH: torch.Tensor, w2_HI: torch.Tensor, ou
 class ExpertShard:
     """The (layer, expert) FFNs one replica serves, and nothing else.
 
-    Each layer's experts are kept stacked: w13 [G, 2I, H] (w1 over w3) and w2 [G, H, I], G the
-    experts of that layer in this shard; `fused` and `weights` are per-expert views of the stacks.
-    The experts run one after another: one grouped GEMM over the stack was slower on an H200 at
-    every size measured (benchmarks/expert_math.py).
+    w1 and w3 are kept stacked as w13 [2I, H]; `weights` exposes (w1, w2, w3) as views of it. The
+    experts run one after another: one grouped GEMM over them was slower on an H200 at every size
+    measured (benchmarks/expert_math.py).
     """
 
     def __init__(self, weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-        self.stacks: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]] = {}  # layer -> experts, w13, w2
-        self.fused, self.weights = {}, {}
-        for L in sorted({L for L, _ in weights}):
-            experts = sorted(E for l, E in weights if l == L)
-            w13 = torch.stack([torch.cat([weights[L, E][0], weights[L, E][2]]) for E in experts])
-            w2 = torch.stack([weights[L, E][1] for E in experts])
-            self.stacks[L] = (experts, w13, w2)
-            for g, E in enumerate(experts):
-                I = w13.shape[1] // 2
-                self.fused[L, E] = (w13[g], w2[g])
-                self.weights[L, E] = (w13[g, :I], w2[g], w13[g, I:])
+        self.fused = {k: (torch.cat([w1, w3]), w2) for k, (w1, w2, w3) in weights.items()}
+        self.weights = {k: (w13[:w13.shape[0] // 2], w2, w13[w13.shape[0] // 2:]) for k, (w13, w2) in self.fused.items()}
 
     @classmethod
     def load(cls, ckpt: Checkpoint, pairs, *, device="cpu", dtype=torch.float32) -> ExpertShard:

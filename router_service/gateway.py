@@ -162,9 +162,9 @@ class Gateway:
 
     async def _taken(self, response, wait_s: float | None = None):
         """Waits until a router replica has taken the call. With none running (dead, restarting),
-        Serve would hold the call until a new one is up, minutes for a big model: fail within about a
-        second with UNAVAILABLE instead, so callers can go elsewhere or retry. router_wait_s bounds the wait in any
-        case; under load taking a call can legitimately take seconds, so it is generous."""
+        Serve would hold the call until a new one is up, minutes for a big model: fail within about
+        a second with UNAVAILABLE instead, so callers can go elsewhere or retry. router_wait_s bounds
+        the wait in any case; under load taking a call can legitimately take seconds, so it is generous."""
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch_router())
         streaming = isinstance(response, DeploymentResponseGenerator)
