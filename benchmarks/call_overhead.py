@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-from benchmarks.common import ExpertServers, iters_for, run, save, time_async
+from benchmarks.common import ExpertServers, measure, run, save
 from benchmarks.moe_layer import layer_checkpoint
 from expert_service.client import ExpertClient
 
@@ -28,8 +28,7 @@ async def _probe(addresses: list[str], hidden: int, rows_list: list[int], device
     out = []
 
     async def timed(what, fn, **extra):
-        est = (await time_async(fn, iters=2, warmup=2, sync=sync))["ms"]
-        r = await time_async(fn, iters=iters_for(est, budget_s=2.0), sync=sync)
+        r = await measure(fn, sync=sync, budget_s=2.0, warmup=2)
         out.append({"call": what, **extra, "ms": r["ms"], "p90_ms": r["p90_ms"]})
         print(out[-1], flush=True)
 

@@ -50,6 +50,12 @@ def iters_for(ms_estimate: float, budget_s: float = 3.0, lo: int = 3, hi: int = 
     return max(lo, min(hi, int(budget_s * 1e3 / max(ms_estimate, 1e-3))))
 
 
+async def measure(fn, *, sync=None, budget_s: float = 3.0, warmup: int = 1) -> dict:
+    """time_async with as many iterations as fit in about budget_s, from two timed tries."""
+    est = (await time_async(fn, iters=2, warmup=warmup, sync=sync))["ms"]
+    return await time_async(fn, iters=iters_for(est, budget_s), sync=sync)
+
+
 def save(name: str, rows: list[dict], meta: dict, columns: list[str]) -> Path:
     """Writes results/<name>.json; a name like `moe_layer__shm` is a variant of `moe_layer` (report.py
     shows it before/after). meta["tables"] may hold more [{"title", "columns", "rows"}] to show."""

@@ -18,7 +18,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import iters_for, run, save, time_async
+from benchmarks.common import measure, run, save
 from benchmarks.moe_layer import gemm_tflops, layer_checkpoint
 from expert_service.experts import ExpertShard
 from router_service import model
@@ -61,8 +61,7 @@ def main(argv=None):
         for way, fn in (("loop", lambda: shard.forward(xs, segs)), ("grouped", lambda: grouped_ffn(xs, w13, w2, counts))):
             async def math():
                 outs[way] = fn()
-            est = run(time_async(math, iters=1, warmup=2, sync=torch.cuda.synchronize))["ms"]
-            r = run(time_async(math, iters=iters_for(est), sync=torch.cuda.synchronize))
+            r = run(measure(math, sync=torch.cuda.synchronize, warmup=2))
             tflops = flops / r["ms"] / 1e9
             rows.append({"T": T, "rows": xs.shape[0], "way": way, "ms": r["ms"], "p90_ms": r["p90_ms"],
                          "tflops": tflops, "of_gemm_peak": tflops / peak})

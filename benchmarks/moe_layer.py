@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks.common import ExpertServers, iters_for, run, save, time_async
+from benchmarks.common import ExpertServers, measure, run, save
 from moe_core.checkpoint import Checkpoint, random_weights, write_checkpoint
 from moe_core.config import preset
 from router_service import model
@@ -101,8 +101,7 @@ async def _bench(ckpt, tokens, transports, device, dtype, wire_dtype):
             for name, disp in dispatchers.items():
                 out = await model.moe(0, x, gate, cfg.top_k, disp)
                 err = (out.float() - ref.float()).abs().max().item()
-                est = (await time_async(lambda: model.moe(0, x, gate, cfg.top_k, disp), iters=2, warmup=1, sync=sync))["ms"]
-                r = await time_async(lambda: model.moe(0, x, gate, cfg.top_k, disp), iters=iters_for(est), sync=sync)
+                r = await measure(lambda: model.moe(0, x, gate, cfg.top_k, disp), sync=sync)
                 base = base or r["ms"]
                 rows.append({"T": T, "transport": name, "ms": r["ms"], "p90_ms": r["p90_ms"],
                              "ratio": r["ms"] / base, "max_abs_diff": err,
@@ -127,7 +126,7 @@ async def _expert_math(shard, x, gate, cfg, sync) -> dict:
 
     async def math():
         shard.forward(xs, segs)
-    r = await time_async(math, iters=iters_for((await time_async(math, iters=1, warmup=1, sync=sync))["ms"]), sync=sync)
+    r = await measure(math, sync=sync)
     flops = 2 * 3 * xs.shape[0] * cfg.hidden_size * cfg.intermediate_size
     return {"T": x.shape[0], "transport": "expert math only", "ms": r["ms"], "p90_ms": r["p90_ms"],
             "tflops": flops / r["ms"] / 1e9}

@@ -16,7 +16,7 @@ from benchmarks.common import RESULTS, table
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
-ORDER = ["codec", "moe_layer", "e2e"]
+ORDER = ["codec", "moe_layer", "decode_floor", "e2e"]
 GPU_ONLY = ["expert_math", "call_overhead"]
 
 # How a variant is compared with its base: the columns that identify a row, the figure, and whether

@@ -1,15 +1,16 @@
-"""`make bench`: every benchmark in turn (codec, moe_layer, e2e), then BENCHMARKS.md.
+"""`make bench`: every benchmark in turn (codec, moe_layer, decode_floor, e2e), then BENCHMARKS.md.
 
 A benchmark that fails does not stop the others; the exit status says whether all ran. On a
 machine with CUDA, moe_layer runs on the GPU at Mixtral-8x7B shapes in bfloat16 (every transport)
 and is saved as `moe_layer__<gpu>`, and expert_math and call_overhead run too; on CPU moe_layer
 also runs the Ray Serve handle baseline. Extra arguments for one script: --args NAME="...".
 
-    python -m benchmarks.run_all [--only codec,moe_layer,e2e] [--args e2e="--concurrency 1,8"] [--out FILE]
+    python -m benchmarks.run_all [--only codec,moe_layer,decode_floor,e2e] [--args e2e="--concurrency 1,8"] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import subprocess
 import sys
@@ -19,10 +20,11 @@ from pathlib import Path
 from benchmarks import report
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["codec", "moe_layer", "e2e"]
+ORDER = ["codec", "moe_layer", "decode_floor", "e2e"]
 GPU_ONLY = ["expert_math", "call_overhead"]  # run too when this machine has a GPU
 
 
+@functools.cache
 def gpu_name() -> str | None:
     """A short name for the GPU ("h200"), None without one: GPU results are saved as variants."""
     import torch

@@ -204,9 +204,9 @@ class Gateway:
             if not finished:
                 stream.cancel()
 
-    async def _unary(self, response):
+    async def _unary(self, response, wait_s: float | None = None):
         try:
-            return await (await self._taken(response))
+            return await (await self._taken(response, wait_s))
         except asyncio.CancelledError:
             response.cancel()
             raise
@@ -259,7 +259,7 @@ class Gateway:
         except Exception as e:
             _fail(grpc_context, e)
         try:
-            ready = await (await self._taken(self.router.ready.remote(), min(self.router_wait_s, 4.0)))
+            ready = await self._unary(self.router.ready.remote(), min(self.router_wait_s, 4.0))
         except Exception:
             ready = {"router": 0}
         serving = all(n > 0 for n in ready.values())

@@ -7,6 +7,7 @@ dead address is reported so the directory forgets it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -44,17 +45,11 @@ EXPERT_CHANNEL_OPTIONS = CHANNEL_OPTIONS + [
 def split_segments(segments, k: int) -> list[tuple[int, int, list]]:
     """Rows of (layer, expert, rows) segments cut into k contiguous parts of about equal size:
     [(start, stop, segments of that part)]; a segment may be cut in two."""
-    total = sum(n for _, _, n in segments)
-    bounds = [total * i // k for i in range(k + 1)]
-    parts, seg_start = [], 0
-    spans = []
-    for layer, expert, n in segments:
-        spans.append((seg_start, seg_start + n, layer, expert))
-        seg_start += n
-    for a, b in zip(bounds, bounds[1:]):
-        segs = [(L, E, min(b, stop) - max(a, start)) for start, stop, L, E in spans if start < b and stop > a]
-        parts.append((a, b, segs))
-    return parts
+    ends = list(itertools.accumulate(n for _, _, n in segments))
+    spans = [(end - n, end, L, E) for (L, E, n), end in zip(segments, ends)]
+    bounds = [ends[-1] * i // k for i in range(k + 1)] if ends else [0] * (k + 1)
+    return [(a, b, [(L, E, min(b, stop) - max(a, start)) for start, stop, L, E in spans if start < b and stop > a])
+            for a, b in zip(bounds, bounds[1:])]
 
 
 class ExpertsUnavailable(RuntimeError):

@@ -111,9 +111,10 @@ def attention(cfg: MoEConfig, w: LayerWeights, layer: int, x_TH: torch.Tensor, s
                                                    attn_mask=_causal(cfg, qpos, kpos), enable_gqa=G != Q)
             out_TQD[r:r + n] = y_QnD.transpose(0, 1)
     if decode:  # one new token per sequence: one attention call over the padded caches
-        r_B = torch.tensor([rows[i] for i in decode])
+        rows_B = [rows[i] for i in decode]
         ks, vs = zip(*(segments[i].cache.write(layer, segments[i].start, k_TGD[r:r + 1], v_TGD[r:r + 1])
-                       for i, r in zip(decode, r_B.tolist())))
+                       for i, r in zip(decode, rows_B)))
+        r_B = torch.tensor(rows_B)
         k_BGSD = pad_sequence([k.transpose(0, 1) for k in ks], batch_first=True).transpose(1, 2)
         v_BGSD = pad_sequence([v.transpose(0, 1) for v in vs], batch_first=True).transpose(1, 2)
         qpos_B1 = torch.tensor([segments[i].start for i in decode])[:, None]

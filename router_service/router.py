@@ -26,8 +26,7 @@ class Router:
     def __init__(self, model_dir: str, shards: dict[str, list], directory: str = DEFAULT_NAME, *,
                  experts: list | None = None, max_running: int = 64, max_queued: int = 256, expert_timeout_s: float = 30.0,
                  wire_dtype: str | None = None, transport: str = "grpc", micro_batches: int = 1,
-                 shared_memory: str = "",
-                 expert_tls: dict | None = None):
+                 shared_memory: str = "", expert_tls: dict | None = None):
         ckpt = Checkpoint(model_dir)
         self.cfg = ckpt.config
         self.shards = shards
