@@ -1,11 +1,13 @@
 """Question: how close do a layer's experts come to the GPU's matmul rate, per-expert loop or grouped GEMM?
 
 One layer's eight experts at Mixtral-8x7B shapes (bf16, random weights) on the rows a top-2 gate
-routes from T tokens, timed two ways: the per-expert loop (two cuBLAS GEMMs and the SwiGLU per
-expert) and one grouped GEMM over every expert (`torch._grouped_mm`, CUTLASS). TFLOP/s counts
-2 * 3 * rows * hidden * intermediate; `of_gemm_peak` divides by one large plain matmul measured in
-the same run. `rel_err` = |grouped - loop| / |loop| (bf16 rounding: about 1e-3 or less).
-ExpertShard runs the loop: the grouped GEMM lost at every size on an H200 (BENCHMARKS.md).
+routes from T tokens, timed three ways: the per-expert loop (two cuBLAS GEMMs and the SwiGLU per
+expert) with the SwiGLU eager (`loop`: silu, then the product) or compiled into one elementwise
+kernel (`loop, compiled swiglu`), and one grouped GEMM over every expert (`grouped`:
+`torch._grouped_mm`, CUTLASS). TFLOP/s counts 2 * 3 * rows * hidden * intermediate; `of_gemm_peak`
+divides by one large plain matmul measured in the same run. `rel_err` = |way - loop| / |loop|
+(bf16 rounding: about 1e-3 or less). ExpertShard runs the loop: the grouped GEMM lost at every
+size on an H200 (BENCHMARKS.md).
 
     python -m benchmarks.expert_math [--tokens 512,1024,2048,4096,8192] [--preset mixtral-8x7b]
 """
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import measure, run, save
 from benchmarks.moe_layer import gemm_tflops, layer_checkpoint
-from expert_service.experts import ExpertShard
+from expert_service.experts import ExpertShard, compiled_swiglu, swiglu
 from router_service import model
 
 
@@ -43,8 +45,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as d:
         ckpt = layer_checkpoint(a.preset, d, dtype)
         cfg = ckpt.config
-        shard = ExpertShard.load(ckpt, [(0, e) for e in range(cfg.n_experts)], device=device, dtype=dtype)
+        shard = ExpertShard.load(ckpt, [(0, e) for e in range(cfg.n_experts)], device=device, dtype=dtype, act=swiglu)
         gate = model.DenseWeights.load(ckpt).layers[0].gate.to(device, dtype)
+    compiled_shard = ExpertShard(shard.weights, act=compiled_swiglu(device, dtype, cfg.intermediate_size))
     peak = gemm_tflops(device, dtype)
     rows = []
     for T in (int(t) for t in a.tokens.split(",")):
@@ -58,17 +61,23 @@ def main(argv=None):
         outs = {}
         w13 = torch.stack([shard.fused[0, e][0] for e in range(cfg.n_experts)])  # [E, 2I, H]
         w2 = torch.stack([shard.fused[0, e][1] for e in range(cfg.n_experts)])   # [E, H, I]
-        for way, fn in (("loop", lambda: shard.forward(xs, segs)), ("grouped", lambda: grouped_ffn(xs, w13, w2, counts))):
+        ways = {"loop": lambda: shard.forward(xs, segs),
+                "loop, compiled swiglu": lambda: compiled_shard.forward(xs, segs),
+                "grouped": lambda: grouped_ffn(xs, w13, w2, counts)}
+        for way, fn in ways.items():
             async def math():
                 outs[way] = fn()
             r = run(measure(math, sync=torch.cuda.synchronize, warmup=2))
             tflops = flops / r["ms"] / 1e9
             rows.append({"T": T, "rows": xs.shape[0], "way": way, "ms": r["ms"], "p90_ms": r["p90_ms"],
                          "tflops": tflops, "of_gemm_peak": tflops / peak})
-        loop, grouped = outs["loop"].float(), outs["grouped"].float()
-        rows[-1]["rel_err"] = ((grouped - loop).norm() / loop.norm()).item()
-        rows[-1]["speedup"] = rows[-2]["ms"] / rows[-1]["ms"]
-        print(rows[-2], rows[-1], flush=True)
+            if way != "loop":
+                loop, other = outs["loop"].float(), outs[way].float()
+                rows[-1]["rel_err"] = ((other - loop).norm() / loop.norm()).item()
+                rows[-1]["speedup"] = loop_ms / rows[-1]["ms"]
+            else:
+                loop_ms = r["ms"]
+            print(rows[-1], flush=True)
     save(a.name, rows, {"preset": a.preset, "dtype": "bfloat16", "gemm_tflops": peak},
          ["T", "rows", "way", "ms", "p90_ms", "tflops", "of_gemm_peak", "speedup", "rel_err"])
 

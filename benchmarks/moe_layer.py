@@ -166,6 +166,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--wire-dtype", help="dtype on the wire (default: the tensor's)")
     p.add_argument("--name", default="moe_layer", help="results file name")
+    p.add_argument("--note", help="what this variant changes (shown in the report)")
+    p.add_argument("--compare-to", help="the results file this variant is compared with (default: moe_layer)")
     a = p.parse_args(argv)
     tokens = [int(t) for t in a.tokens.split(",")]
     transports = a.transports.split(",")
@@ -178,7 +180,8 @@ def main(argv=None):
         if "tflops" in r:
             r["of_gemm_peak"] = r["tflops"] / peak
     save(a.name, rows, {"preset": a.preset, "device": a.device, "dtype": a.dtype, "wire_dtype": a.wire_dtype,
-                        "gemm_tflops": peak},
+                        "gemm_tflops": peak, **({"note": a.note} if a.note else {}),
+                        **({"compare_to": a.compare_to} if a.compare_to else {})},
          ["T", "transport", "ms", "p90_ms", "ratio", "MB_each_way", "max_abs_diff", "tflops", "of_gemm_peak"])
 
 

@@ -1,28 +1,44 @@
 """ExpertClient: one grpc.aio channel to one expert replica; encode, call Forward, decode."""
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
+
 import grpc
 import torch
 
 from expert_service import shared as shared_buffers
+from expert_service.doorbell import Doorbell
 from expert_service.server import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
 from moe.v1 import expert_pb2, expert_pb2_grpc
 from moe_core.codec import FLOAT_DTYPES, TAGS, WireError, decode, encode
 from moe_core.staging import Staging
 
 
+_UNFINISHED = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+
+
+@dataclass
+class _Session:
+    id: str
+    buffers: shared_buffers.Buffers
+    doorbell: Doorbell | None  # None: the Forwards go over gRPC
+
+
 class ExpertClient:
     """Create inside the event loop that will use it (grpc.aio channels bind to their loop).
 
     `shared` ("shm" or "cuda_ipc") moves the tensors through buffers shared with a replica on
-    this node; gRPC then carries only the envelope. If the replica cannot map them (another
-    node), the client falls back to bytes on the wire for good.
+    this node; only the envelope then travels, through the replica's doorbell socket where it
+    offers one (expert_service/doorbell.py), else over gRPC. If the replica cannot map the
+    buffers (another node), the client falls back to bytes on the wire for good.
     """
 
     def __init__(self, address: str, options=CHANNEL_OPTIONS,
                  credentials: grpc.ChannelCredentials | None = None, shared: str | None = None):
         self.address, self.shared = address, shared
-        self._free: list[tuple[str, shared_buffers.Buffers]] = []
+        self._free: list[_Session] = []
+        self._detaching: set[asyncio.Task] = set()
         self.staging = Staging()  # pinned host buffer when x_TH lives on a GPU
         self.channel = (grpc.aio.secure_channel(address, credentials, options=options) if credentials
                         else grpc.aio.insecure_channel(address, options=options))
@@ -52,57 +68,86 @@ class ExpertClient:
         return self.staging.to_device(y_TH, x_TH.device, x_TH.dtype)
 
     async def _forward_shared(self, x_TH, segments, timeout):
-        session, buffers = await self._acquire(x_TH, timeout)
+        session = await self._acquire(x_TH, timeout)
+        b, n = session.buffers, x_TH.shape[0]
+        reusable = False
         try:
-            n = x_TH.shape[0]
-            buffers.x[:n].copy_(x_TH if buffers.x.is_cuda else self.staging.to_host(x_TH))
-            if buffers.x.is_cuda:  # the replica reads the buffer as soon as the request arrives
-                torch.cuda.current_stream(buffers.x.device).synchronize()
-            await self.stub.Forward(expert_pb2.ForwardRequest(
-                session=session, rows=n,
-                segments=[expert_pb2.Segment(layer=L, expert=E, rows=r) for L, E, r in segments]), timeout=timeout)
-            y = buffers.y[:n]
-            if x_TH.is_cuda and not y.is_cuda:
-                return self.staging.to_device(y, x_TH.device, x_TH.dtype)
-            return y.to(x_TH.device, x_TH.dtype, copy=True)
+            b.x[:n].copy_(x_TH if b.x.is_cuda else self.staging.to_host(x_TH))
+            if b.ready is not None:
+                b.ready.record(torch.cuda.current_stream(b.x.device))
+            if session.doorbell is not None:
+                await session.doorbell.forward(session.id, n, segments, timeout)
+            else:
+                await self.stub.Forward(expert_pb2.ForwardRequest(
+                    session=session.id, rows=n,
+                    segments=[expert_pb2.Segment(layer=L, expert=E, rows=r) for L, E, r in segments]), timeout=timeout)
+            if b.done is not None:  # the copy below runs on this stream once the replica's output is written
+                torch.cuda.current_stream(b.y.device).wait_event(b.done)
+            y = b.y[:n]
+            y = (self.staging.to_device(y, x_TH.device, x_TH.dtype) if x_TH.is_cuda and not y.is_cuda
+                 else y.to(x_TH.device, x_TH.dtype, copy=True))
+            reusable = True
+            return y
+        except grpc.aio.AioRpcError as e:  # a status the replica answered with leaves the session usable
+            reusable = e.code() not in _UNFINISHED and (session.doorbell is None or not session.doorbell.closed)
+            raise
         finally:
-            self._free.append((session, buffers))
+            if reusable:
+                self._free.append(session)
+            else:  # the replica may still be writing into these buffers: never reuse them
+                self._forget(session)
 
-    async def _acquire(self, x_TH, timeout):
+    async def _acquire(self, x_TH, timeout) -> _Session:
         """A free session big enough for x_TH (sessions are reused; each call holds one)."""
         n, hidden = x_TH.shape
-        for i, (session, b) in enumerate(self._free):
-            if b.capacity >= n and b.x.dtype == x_TH.dtype:
+        for i, s in enumerate(self._free):
+            if s.buffers.capacity >= n and s.buffers.x.dtype == x_TH.dtype:
                 return self._free.pop(i)
         if self._free:  # too small: replace the smallest
-            session, b = self._free.pop(0)
-            await self._detach(session, b, timeout)
+            await self._detach(self._free.pop(0), timeout)
         capacity = max(64, 1 << (n - 1).bit_length())
         b = shared_buffers.create(self.shared, capacity, hidden, x_TH.dtype, x_TH.device)
         try:
             reply = await self.stub.Attach(expert_pb2.AttachRequest(
                 kind=b.kind, dtype=TAGS[x_TH.dtype], capacity_rows=capacity, hidden_size=hidden,
-                names=list(b.names), handles=list(b.handles)), timeout=timeout)
+                names=list(b.names), handles=list(b.handles), events=list(b.events)), timeout=timeout)
         except grpc.aio.AioRpcError as e:
             b.close(owner=True)
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise shared_buffers.SharedError(e.details()) from None
             raise
-        return reply.session, b
+        doorbell = None
+        if reply.doorbell:
+            try:
+                doorbell = await Doorbell.connect(reply.doorbell)
+            except OSError:  # another network namespace: the envelope goes over gRPC
+                pass
+        return _Session(reply.session, b, doorbell)
 
-    async def _detach(self, session, b, timeout):
-        try:
-            await self.stub.Detach(expert_pb2.DetachRequest(session=session), timeout=timeout)
-        except grpc.aio.AioRpcError:
-            pass
-        b.close(owner=True)
+    def _forget(self, session: _Session) -> None:
+        """Detaches a session in the background (this may run while a cancellation unwinds)."""
+        task = asyncio.ensure_future(self._detach(session, timeout=5.0))
+        self._detaching.add(task)
+        task.add_done_callback(self._detaching.discard)
+
+    async def _detach(self, session: _Session, timeout):
+        if session.doorbell is not None:  # closing its connection detaches it on the replica
+            session.doorbell.close()
+        else:
+            try:
+                await self.stub.Detach(expert_pb2.DetachRequest(session=session.id), timeout=timeout)
+            except grpc.aio.AioRpcError:
+                pass
+        session.buffers.close(owner=True)
 
     async def info(self, *, timeout: float) -> expert_pb2.InfoReply:
         return await self.stub.Info(expert_pb2.InfoRequest(), timeout=timeout)
 
     async def close(self) -> None:
         while self._free:
-            await self._detach(*self._free.pop(), timeout=1.0)
+            await self._detach(self._free.pop(), timeout=1.0)
+        if self._detaching:
+            await asyncio.wait(self._detaching)
         await self.channel.close()
 
     async def __aenter__(self):

@@ -15,11 +15,41 @@ def expert_ffn(x_TH: torch.Tensor, w1_IH: torch.Tensor, w2_HI: torch.Tensor, w3_
     return F.linear(F.silu(F.linear(x_TH, w1_IH)) * F.linear(x_TH, w3_IH), w2_HI)  # [T, H]
 
 
-def fused_ffn(x_TH: torch.Tensor, w13_2IH: torch.Tensor, w2_HI: torch.Tensor, out_TH=None) -> torch.Tensor:
+def swiglu(gate_TI: torch.Tensor, up_TI: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate_TI) * up_TI
+
+
+def fused_ffn(x_TH: torch.Tensor, w13_2IH: torch.Tensor, w2_HI: torch.Tensor, out_TH=None, act=swiglu) -> torch.Tensor:
     """expert_ffn with w1 and w3 stacked: one GEMM twice as wide instead of two (pays on GPUs);
     the down projection writes straight into `out_TH` when given."""
     gate_TI, up_TI = F.linear(x_TH, w13_2IH).chunk(2, dim=-1)
-    return torch.matmul(F.silu(gate_TI) * up_TI, w2_HI.t(), out=out_TH)  # [T, H]
+    return torch.matmul(act(gate_TI, up_TI), w2_HI.t(), out=out_TH)  # [T, H]
+
+
+def compiled_swiglu(device, dtype: torch.dtype, intermediate: int, min_rows: int = 512):
+    """swiglu as one generated elementwise kernel (reads gate and up, writes the product) instead of
+    two eager ones (silu, then the product: five tensor-sized passes instead of three), for calls of
+    at least `min_rows` rows: below that, the compiled function's own per-call cost outweighs the
+    saved passes (on an H200: 2-3% faster expert math at 1024+ rows per expert, slower at 256).
+    Compiled here, once, for any row count, so no call waits for the compiler."""
+    compiled = torch.compile(swiglu, dynamic=True)
+    for rows in (7, 9):  # two sizes: the second compile is the one for symbolic row counts
+        compiled(*torch.randn(rows, 2 * intermediate, device=device, dtype=dtype).chunk(2, dim=-1))
+
+    def act(gate_TI: torch.Tensor, up_TI: torch.Tensor) -> torch.Tensor:
+        return (compiled if gate_TI.shape[0] >= min_rows else swiglu)(gate_TI, up_TI)
+    return act
+
+
+def default_act(device, dtype: torch.dtype, intermediate: int):
+    """The compiled swiglu on a GPU where Triton is installed, the eager one elsewhere."""
+    if torch.device(device).type != "cuda":
+        return swiglu
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return swiglu
+    return compiled_swiglu(device, dtype, intermediate)
 
 
 class ExpertShard:
@@ -30,15 +60,18 @@ class ExpertShard:
     measured (benchmarks/expert_math.py).
     """
 
-    def __init__(self, weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    def __init__(self, weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], act=swiglu):
+        self.act = act
         self.fused = {k: (torch.cat([w1, w3]), w2) for k, (w1, w2, w3) in weights.items()}
         self.weights = {k: (w13[:w13.shape[0] // 2], w2, w13[w13.shape[0] // 2:]) for k, (w13, w2) in self.fused.items()}
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, pairs, *, device="cpu", dtype=torch.float32) -> ExpertShard:
+    def load(cls, ckpt: Checkpoint, pairs, *, device="cpu", dtype=torch.float32, act=None) -> ExpertShard:
+        """`act` defaults to default_act(device)."""
         pairs = sorted(set(pairs))
         tensors = ckpt.load(expert_shapes(ckpt.config, pairs), dtype=dtype, desc="loading experts")
-        return cls({(L, E): tuple(tensors[k].to(device) for k in expert_keys(L, E)) for L, E in pairs})
+        return cls({(L, E): tuple(tensors[k].to(device) for k in expert_keys(L, E)) for L, E in pairs},
+                   act=act or default_act(device, dtype, ckpt.config.intermediate_size))
 
     @classmethod
     def from_state(cls, cfg: MoEConfig, state: dict[str, torch.Tensor], pairs) -> ExpertShard:
@@ -48,12 +81,14 @@ class ExpertShard:
     def pairs(self) -> list[tuple[int, int]]:
         return list(self.weights)
 
-    def forward(self, x_TH: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
-        """Rows of x_TH grouped by (layer, expert, rows) segments, in order; returns [T, H]."""
-        out_TH = torch.empty_like(x_TH)
+    def forward(self, x_TH: torch.Tensor, segments: list[tuple[int, int, int]], out_TH=None) -> torch.Tensor:
+        """Rows of x_TH grouped by (layer, expert, rows) segments, in order; returns [T, H] (out_TH
+        when given)."""
+        out_TH = torch.empty_like(x_TH) if out_TH is None else out_TH
         start = 0
         for layer, expert, rows in segments:
             if rows:
-                fused_ffn(x_TH[start:start + rows], *self.fused[(layer, expert)], out_TH=out_TH[start:start + rows])
+                fused_ffn(x_TH[start:start + rows], *self.fused[(layer, expert)], out_TH=out_TH[start:start + rows],
+                          act=self.act)
             start += rows
         return out_TH

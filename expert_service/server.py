@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from expert_service import shared
+from expert_service.doorbell import DoorbellServer
 from expert_service.experts import ExpertShard
 from moe.v1 import common_pb2, expert_pb2
 from moe_core.codec import FLOAT_DTYPES, TAGS, WireError, check_finite, decode, encode, keep_large_buffers
@@ -83,68 +84,97 @@ class ExpertServicer:
         self.rows_in_flight, self.busy_s = 0, 0.0
         self.sessions: dict[str, shared.Buffers] = {}  # same-node clients' shared buffers
         self.staging = Staging()  # pinned host buffer for GPU copies (used on the loop thread only)
+        self.doorbell: DoorbellServer | None = None
 
     def _parse(self, request: expert_pb2.ForwardRequest) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
         if len(request.segments) > MAX_SEGMENTS:
             raise WireError(f"{len(request.segments)} segments exceed the limit of {MAX_SEGMENTS}")
+        segments = [(s.layer, s.expert, s.rows) for s in request.segments]
         if request.session:
-            buffers = self.sessions.get(request.session)
-            if buffers is None:
-                raise WireError(f"unknown session {request.session[:64]!r}; Attach first")
-            if request.rows > buffers.capacity:
-                raise WireError(f"rows {request.rows} exceed the session's {buffers.capacity}")
-            x_TH = buffers.x[:request.rows]
+            x_TH = self._session_rows(request.session, request.rows)
         elif not request.HasField("hidden"):
             raise WireError("hidden tensor is missing")
         else:
             x_TH = decode(request.hidden, allowed_dtypes=FLOAT_DTYPES, max_elements=self.max_elements,
                           expect_rank=2, expect_last_dim=self.hidden_size, name="hidden")
-        segments = [(s.layer, s.expert, s.rows) for s in request.segments]
+        return x_TH, self._check(segments, x_TH)
+
+    def _session_rows(self, session: str, rows: int) -> torch.Tensor:
+        buffers = self.sessions.get(session)
+        if buffers is None:
+            raise WireError(f"unknown session {session[:64]!r}; Attach first")
+        if rows > buffers.capacity:
+            raise WireError(f"rows {rows} exceed the session's {buffers.capacity}")
+        if buffers.ready is not None:  # the client's rows are written once its event has fired
+            torch.cuda.current_stream(buffers.x.device).wait_event(buffers.ready)
+        return buffers.x[:rows]
+
+    def _check(self, segments, x_TH: torch.Tensor):
         for layer, expert, _ in segments:
             if (layer, expert) not in self.served:
                 raise WireError(f"this replica does not serve layer {layer} expert {expert}")
         total = sum(rows for _, _, rows in segments)
         if total != x_TH.shape[0]:
             raise WireError(f"segments cover {total} rows, hidden has {x_TH.shape[0]}")
-        check_finite(x_TH, "hidden")
-        return x_TH, segments
+        # Rows from the wire or a /dev/shm file are checked. Rows in a CUDA IPC buffer are the
+        # router's own GPU memory, like the in-process path's, and checking them would make this
+        # host wait for the router's GPU work before launching anything.
+        if not x_TH.is_cuda:
+            check_finite(x_TH, "hidden")
+        return segments
 
     def _compute(self, x_TH: torch.Tensor, segments, session: str = "") -> common_pb2.Tensor | None:
-        y_TH = self.shard.forward(self.staging.to_device(x_TH, self.device, self.dtype), segments)
         if not session:
+            y_TH = self.shard.forward(self.staging.to_device(x_TH, self.device, self.dtype), segments)
             return encode(self.staging.to_host(y_TH.to(x_TH.dtype)))
-        out = self.sessions[session].y[:y_TH.shape[0]]
-        out.copy_(y_TH if out.is_cuda else self.staging.to_host(y_TH))
-        if y_TH.is_cuda:  # the client reads the output buffer as soon as the reply arrives
-            torch.cuda.current_stream(y_TH.device).synchronize()
+        buffers = self.sessions[session]
+        out = buffers.y[:x_TH.shape[0]]
+        if x_TH.device == self.device and x_TH.dtype == self.dtype:  # in place: buffers in, buffers out
+            self.shard.forward(x_TH, segments, out_TH=out)
+        else:
+            y_TH = self.shard.forward(self.staging.to_device(x_TH, self.device, self.dtype), segments)
+            out.copy_(y_TH if out.is_cuda else self.staging.to_host(y_TH))
+        if buffers.done is not None:  # the client's stream waits on it; nobody waits here
+            buffers.done.record(torch.cuda.current_stream(out.device))
         return None
 
-    async def Forward(self, request, context):
+    async def _run(self, x_TH: torch.Tensor, segments, session: str = "") -> common_pb2.Tensor | None:
+        """Computes one call, counting it; a fault of ours (e.g. device OOM) is logged and re-raised."""
         self.in_flight += 1
-        started, rows = time.perf_counter(), 0
+        self.rows_in_flight += x_TH.shape[0]
+        started = time.perf_counter()
         try:
-            try:
-                x_TH, segments = self._parse(request)
-            except WireError as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            rows = x_TH.shape[0]
-            self.rows_in_flight += rows
-            try:
-                if x_TH.shape[0] * self.work_per_row < self.inline_below:
-                    output = self._compute(x_TH, segments, request.session)
-                else:
-                    output = await asyncio.get_running_loop().run_in_executor(
-                        self._pool, self._compute, x_TH, segments, request.session)
-            except Exception as e:  # a fault of ours (e.g. device OOM): log it, keep the trace here
-                log.exception("expert compute failed")
-                await context.abort(grpc.StatusCode.INTERNAL, f"expert compute failed: {type(e).__name__}")
+            if x_TH.shape[0] * self.work_per_row < self.inline_below:
+                output = self._compute(x_TH, segments, session)
+            else:
+                output = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, self._compute, x_TH, segments, session)
             self.calls += 1
             self.rows += x_TH.shape[0]
-            return expert_pb2.ForwardReply(output=output)
+            return output
+        except Exception:
+            log.exception("expert compute failed")
+            raise
         finally:
             self.in_flight -= 1
-            self.rows_in_flight -= rows
+            self.rows_in_flight -= x_TH.shape[0]
             self.busy_s += time.perf_counter() - started
+
+    async def Forward(self, request, context):
+        try:
+            x_TH, segments = self._parse(request)
+        except WireError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            output = await self._run(x_TH, segments, request.session)
+        except Exception as e:
+            await context.abort(grpc.StatusCode.INTERNAL, f"expert compute failed: {type(e).__name__}")
+        return expert_pb2.ForwardReply(output=output)
+
+    async def forward_session(self, session: str, rows: int, segments) -> None:
+        """A Forward of a session's rows through the doorbell; raises WireError on bad input."""
+        x_TH = self._session_rows(session, rows)
+        await self._run(x_TH, self._check(segments, x_TH), session)
 
     async def Attach(self, request, context):
         """Maps a same-node client's buffers; later Forwards name the session instead of sending bytes."""
@@ -155,21 +185,33 @@ class ExpertServicer:
                                 f"hidden_size {request.hidden_size} != this replica's {self.hidden_size}")
         if request.dtype not in FLOAT_DTYPES:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dtype {request.dtype!r} is not a float wire dtype")
-        n = 2
-        if (request.kind == "shm" and len(request.names) != n) or (request.kind == "cuda_ipc" and len(request.handles) != n):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session needs exactly two buffers")
+        if (request.kind == "shm" and len(request.names) != 2) or (
+                request.kind == "cuda_ipc" and (len(request.handles), len(request.events)) != (2, 2)):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "a session needs exactly two buffers (and, for cuda_ipc, two events)")
         try:
             buffers = shared.open_remote(request.kind, request.capacity_rows, request.hidden_size, request.dtype,
-                                         names=tuple(request.names), handles=tuple(request.handles))
+                                         names=tuple(request.names), handles=tuple(request.handles),
+                                         events=tuple(request.events))
         except shared.SharedError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         session = uuid.uuid4().hex
         self.sessions[session] = buffers
-        return expert_pb2.AttachReply(session=session)
+        return expert_pb2.AttachReply(session=session, doorbell=self.doorbell.path if self.doorbell else "")
 
     async def Detach(self, request, context):
-        self.sessions.pop(request.session, None)
+        self.detach(request.session)
         return expert_pb2.DetachReply()
+
+    def detach(self, session: str) -> None:
+        self.sessions.pop(session, None)
+
+    async def start_doorbell(self) -> None:
+        """Opens the Unix socket that same-node sessions' Forwards may take instead of gRPC."""
+        if self.doorbell is None:
+            bell = DoorbellServer(self.forward_session, self.detach, MAX_SEGMENTS)
+            if await bell.start():
+                self.doorbell = bell
 
     async def Info(self, request, context):
         return expert_pb2.InfoReply(
@@ -179,6 +221,8 @@ class ExpertServicer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.doorbell is not None:
+            self.doorbell.close()
 
 
 def _unary(method, request_cls, reply_cls) -> grpc.RpcMethodHandler:
@@ -222,6 +266,7 @@ async def start_server(shard: ExpertShard | ExpertServicer, *, host: str = "127.
     if not bound:
         raise OSError(f"cannot bind ExpertService to {address}")
     await server.start()
+    await servicer.start_doorbell()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound

@@ -6,7 +6,10 @@ them to the replica once; each Forward then names the session and the row count.
 - "shm": files in /dev/shm mapped by both processes (CPU); the rows are written once by the
   router's gather and read in place by the expert, with no serialization at all;
 - "cuda_ipc": CUDA device memory shared through CUDA IPC handles (the same GPU or peers on one
-  host); the hidden states never leave the GPU.
+  host); the hidden states never leave the GPU. Two CUDA IPC events order the GPU work across
+  the processes: the client records `ready` after writing the rows and the replica's stream waits
+  on it; the replica records `done` after writing its output and the client's stream waits on
+  that. No host waits for the GPU between the two.
 
 Descriptors are plain fields (msgpack for the CUDA handle tuple), never pickle.
 """
@@ -25,6 +28,7 @@ from moe_core.codec import DTYPES
 SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"^moe-[0-9a-f]{32}$")  # what a client may name; anything else is refused
 MAX_BUFFER_BYTES = 1 << 31
+CUDA_IPC_HANDLE_BYTES = 64  # cudaIpcEventHandle_t
 
 
 class SharedError(ValueError):
@@ -39,6 +43,9 @@ class Buffers:
     y: torch.Tensor
     names: tuple[str, str] = ("", "")       # shm file names
     handles: tuple[bytes, bytes] = (b"", b"")  # cuda_ipc descriptors
+    ready: torch.cuda.Event | None = None   # cuda_ipc: input rows written
+    done: torch.cuda.Event | None = None    # cuda_ipc: output rows written
+    events: tuple[bytes, bytes] = (b"", b"")  # their IPC handles
 
     @property
     def capacity(self) -> int:
@@ -62,11 +69,15 @@ def create(kind: str, capacity: int, hidden: int, dtype: torch.dtype, device: st
     if kind == "cuda_ipc":
         x = torch.empty(capacity, hidden, dtype=dtype, device=device)
         y = torch.empty_like(x)
-        return Buffers(kind, x, y, handles=(_cuda_handle(x), _cuda_handle(y)))
+        with torch.cuda.device(x.device):
+            ready, done = (torch.cuda.Event(interprocess=True) for _ in range(2))
+            events = (ready.ipc_handle(), done.ipc_handle())
+        return Buffers(kind, x, y, handles=(_cuda_handle(x), _cuda_handle(y)), ready=ready, done=done, events=events)
     raise SharedError(f"unknown shared-buffer kind {kind!r}; use 'shm' or 'cuda_ipc'")
 
 
-def open_remote(kind: str, capacity: int, hidden: int, dtype_tag: str, names=("", ""), handles=(b"", b"")) -> Buffers:
+def open_remote(kind: str, capacity: int, hidden: int, dtype_tag: str, names=("", ""), handles=(b"", b""),
+                events=(b"", b"")) -> Buffers:
     """The server side: map the buffers a client on this node created, after checking the request."""
     if dtype_tag not in DTYPES:
         raise SharedError(f"unknown dtype {dtype_tag!r}")
@@ -84,11 +95,16 @@ def open_remote(kind: str, capacity: int, hidden: int, dtype_tag: str, names=(""
         x, y = (_map(n, capacity * hidden, dtype).view(capacity, hidden) for n in names)
         return Buffers(kind, x, y, names=tuple(names))
     if kind == "cuda_ipc":
+        if any(len(e) != CUDA_IPC_HANDLE_BYTES for e in events):
+            raise SharedError(f"a CUDA IPC event handle has {CUDA_IPC_HANDLE_BYTES} bytes")
         try:
             x, y = (_open_cuda(h, dtype).view(capacity, hidden) for h in handles)
+            ready, done = (torch.cuda.Event.from_ipc_handle(x.device, e) for e in events)
+        except SharedError:
+            raise
         except Exception as e:  # a handle from another host or a freed buffer
             raise SharedError(f"cannot open CUDA IPC handle: {e}") from None
-        return Buffers(kind, x, y)
+        return Buffers(kind, x, y, ready=ready, done=done)
     raise SharedError(f"unknown shared-buffer kind {kind!r}; use 'shm' or 'cuda_ipc'")
 
 

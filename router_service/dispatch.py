@@ -32,7 +32,8 @@ class InProcessDispatcher:
 def split_by_shard(layer: int, counts_E: list[int], shard_of: dict[tuple[int, int], str]):
     """Yields (shard, row_ranges, segments) for every shard that gets rows in this layer.
 
-    row_ranges are (start, stop) slices of x_NH; segments are (layer, expert, rows) for the wire.
+    row_ranges are (start, stop) slices of x_NH, adjacent ones merged (a shard holding every
+    expert gets x_NH itself, no copy); segments are (layer, expert, rows) for the wire.
     """
     offsets = [0]
     for n in counts_E:
@@ -41,7 +42,10 @@ def split_by_shard(layer: int, counts_E: list[int], shard_of: dict[tuple[int, in
     for e, n in enumerate(counts_E):
         if n:
             ranges, segs = plan.setdefault(shard_of[(layer, e)], ([], []))
-            ranges.append((offsets[e], offsets[e + 1]))
+            if ranges and ranges[-1][1] == offsets[e]:  # back to back with the last: one range
+                ranges[-1] = (ranges[-1][0], offsets[e + 1])
+            else:
+                ranges.append((offsets[e], offsets[e + 1]))
             segs.append((layer, e, n))
     return [(shard, ranges, segs) for shard, (ranges, segs) in plan.items()]
 

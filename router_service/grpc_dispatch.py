@@ -124,8 +124,10 @@ class GrpcDispatcher:
     async def run_experts(self, layer: int, x_NH: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
         if time.monotonic() - self._refreshed >= self.refresh_s:
             await self.refresh()
-        y_NH = torch.empty_like(x_NH)
         plan = split_by_shard(layer, counts_E, self.shard_of)
+        if len(plan) == 1 and plan[0][1] == [(0, x_NH.shape[0])]:  # one shard has every row: one call, no copies
+            return await self._call(plan[0][0], x_NH, plan[0][2])
+        y_NH = torch.empty_like(x_NH)
         outs = await asyncio.gather(*(self._call(shard, gather_rows(x_NH, ranges), segs)
                                       for shard, ranges, segs in plan))
         for (_, ranges, _), out in zip(plan, outs):

@@ -36,26 +36,30 @@ class ForwardReply(_message.Message):
     def __init__(self, output: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("kind", "dtype", "capacity_rows", "hidden_size", "names", "handles")
+    __slots__ = ("kind", "dtype", "capacity_rows", "hidden_size", "names", "handles", "events")
     KIND_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_ROWS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     HANDLES_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     dtype: str
     capacity_rows: int
     hidden_size: int
     names: _containers.RepeatedScalarFieldContainer[str]
     handles: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, kind: _Optional[str] = ..., dtype: _Optional[str] = ..., capacity_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., handles: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    events: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, kind: _Optional[str] = ..., dtype: _Optional[str] = ..., capacity_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., handles: _Optional[_Iterable[bytes]] = ..., events: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class AttachReply(_message.Message):
-    __slots__ = ("session",)
+    __slots__ = ("session", "doorbell")
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    DOORBELL_FIELD_NUMBER: _ClassVar[int]
     session: str
-    def __init__(self, session: _Optional[str] = ...) -> None: ...
+    doorbell: str
+    def __init__(self, session: _Optional[str] = ..., doorbell: _Optional[str] = ...) -> None: ...
 
 class DetachRequest(_message.Message):
     __slots__ = ("session",)
