@@ -102,3 +102,4 @@ class ExpertReplica:
             pass
         await asyncio.sleep(self.drain_s)
         await self.server.stop(grace=10)
+        self.servicer.close()

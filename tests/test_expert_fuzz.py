@@ -2,14 +2,17 @@
 INVALID_ARGUMENT (never INTERNAL/UNKNOWN, never a trace), and the server still computes right after."""
 import asyncio
 import math
+import socket
 import threading
 
 import grpc
+import msgpack
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from expert_service import doorbell, shared
 from expert_service.experts import ExpertShard, expert_ffn
 from expert_service.server import CHANNEL_OPTIONS, ExpertServicer, start_server
 from moe.v1 import common_pb2, expert_pb2, expert_pb2_grpc
@@ -158,3 +161,57 @@ def test_fuzzed_requests_are_refused_cleanly_then_valid_one_answers(served):
     y = decode(stub.Forward(request, timeout=10).output)
     torch.testing.assert_close(y, reference(state, x, request.segments), rtol=1e-5, atol=1e-6)
     assert servicer.in_flight == 0
+
+
+def test_fuzzed_doorbell_frames_are_refused_cleanly_then_a_valid_call_answers(served):
+    """The doorbell of a same-node session: random bytes, random msgpack and near-valid frames get
+    INVALID_ARGUMENT (or OK when valid) and never break the server; a valid call answers after."""
+    state, servicer, channel = served
+    buffers = shared.create("shm", 8, H, torch.float32)
+    stub = expert_pb2_grpc.ExpertServiceStub(channel)
+    reply = stub.Attach(expert_pb2.AttachRequest(kind="shm", dtype="float32", capacity_rows=8, hidden_size=H,
+                                                 names=list(buffers.names)), timeout=10)
+    buffers.x.copy_(torch.randn(8, H))
+
+    def call(frame: bytes, name: str):
+        """[code, details] on a new connection, or None when the server closed it without one."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(name)
+            s.sendall(frame)
+            head = s.recv(4, socket.MSG_WAITALL)
+            if len(head) < 4:
+                return None
+            return msgpack.unpackb(s.recv(int.from_bytes(head, "big"), socket.MSG_WAITALL))
+
+    values = st.one_of(st.integers(-2, 2**33), st.text(max_size=8), st.none(), st.floats(), st.binary(max_size=8))
+    near = st.tuples(st.sampled_from([reply.session, "nope", ""]), st.integers(-1, 10),
+                     st.lists(st.one_of(st.sampled_from([0, 1, 7, 2, 3, 8]), values), max_size=9)).map(list)
+    frames = st.one_of(
+        st.binary(max_size=64).map(lambda b: len(b).to_bytes(4, "big") + b),   # not msgpack
+        st.recursive(values, lambda c: st.lists(c, max_size=4), max_leaves=8).map(doorbell.pack),
+        near.map(doorbell.pack))
+    seen = {}
+
+    @settings(max_examples=300, **SETTINGS)
+    @given(frames)
+    def fuzz(frame):
+        out = call(frame, reply.doorbell)
+        kind = "closed" if out is None else out[0]
+        seen[kind] = seen.get(kind, 0) + 1
+        if out is not None:
+            code, details = out
+            assert code in (0, grpc.StatusCode.INVALID_ARGUMENT.value[0]), out
+            assert code == 0 or (details and "Traceback" not in details)
+
+    try:
+        fuzz()
+        assert seen.get(grpc.StatusCode.INVALID_ARGUMENT.value[0], 0) >= 100, seen
+        # Closing a connection detaches its session: a valid call needs a fresh Attach.
+        again = stub.Attach(expert_pb2.AttachRequest(kind="shm", dtype="float32", capacity_rows=8, hidden_size=H,
+                                                     names=list(buffers.names)), timeout=10)
+        assert call(doorbell.pack([again.session, 3, [1, 7, 3]]), again.doorbell) == [0, ""]
+        want = reference(state, buffers.x[:3], [expert_pb2.Segment(layer=1, expert=7, rows=3)])
+        torch.testing.assert_close(buffers.y[:3], want, rtol=1e-5, atol=1e-6)
+    finally:
+        buffers.close(owner=True)
