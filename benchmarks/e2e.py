@@ -16,7 +16,8 @@ decode steps. `ratio` = our tokens/s over transformers' at the same batch size; 
 our requests whose tokens equal transformers' (up to our EOS, where ours stops).
 
     python -m benchmarks.e2e [--concurrency 1,8,32] [--new-tokens 64] [--prompt-len 64]
-                             [--transport grpc|handle] [--micro-batches N] [--router-cpus N]
+                             [--transport grpc|handle] [--shared-memory shm] [--micro-batches N]
+                             [--router-cpus N]
                              [--name e2e__VARIANT]
 """
 from __future__ import annotations
@@ -177,12 +178,14 @@ def one_replica_each(cfg: dict, router_cpus: int = 0) -> dict:
 
 
 def served_runs(model_dir: Path, prompts, batches, new_tokens, *, transport: str, micro_batches: int,
-                router_cpus: int, timeout: float) -> tuple[list[dict], dict]:
+                router_cpus: int, timeout: float, shared_memory: str = "") -> tuple[list[dict], dict]:
     from tests.cluster_fixtures import running_app
 
     app_args = {"transport": transport}
     if micro_batches != 1:
         app_args["micro_batches"] = micro_batches
+    if shared_memory:
+        app_args["shared_memory"] = shared_memory
     t0 = time.perf_counter()
     with running_app(model_dir, edit=lambda cfg: one_replica_each(cfg, router_cpus), **app_args) as (address, _):
         print(f"app up at {address} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -197,6 +200,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--transport", default="grpc", choices=["grpc", "handle"], help="the router's expert dispatcher")
+    p.add_argument("--shared-memory", default="", choices=["", "shm"],
+                   help="shm: rows through /dev/shm sessions and their doorbells instead of bytes over gRPC")
     p.add_argument("--micro-batches", type=int, default=1, help="router micro-batches per step (2 = ping-pong)")
     p.add_argument("--router-cpus", type=int, default=0, help="CPUs the router replica reserves, and so its "
                                                               "torch threads (default 0: one thread)")
@@ -217,7 +222,8 @@ def main(argv=None):
         hf_rows, hf_out, hf_info = transformers_runs(model_dir, prompts, batches, a.new_tokens,
                                                      a.hf_experts.split(","))
     ours, our_out = served_runs(model_dir, prompts, batches, a.new_tokens, transport=a.transport,
-                                micro_batches=a.micro_batches, router_cpus=a.router_cpus, timeout=a.timeout)
+                                micro_batches=a.micro_batches, router_cpus=a.router_cpus, timeout=a.timeout,
+                                shared_memory=a.shared_memory)
     rows = []
     for r in ours:
         b = r["batch"]
@@ -231,7 +237,7 @@ def main(argv=None):
     meta = {"model": str(shown), "config": {k: getattr(cfg, k) for k in (
         "hidden_size", "intermediate_size", "n_layers", "n_experts", "top_k", "vocab_size")},
             "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "transport": a.transport,
-            "micro_batches": a.micro_batches, "router_cpus": a.router_cpus, "transformers": hf_info, "note": a.note}
+            "shared_memory": a.shared_memory, "micro_batches": a.micro_batches, "router_cpus": a.router_cpus, "transformers": hf_info, "note": a.note}
     save(a.name, rows, meta, ["batch", "system", "tokens_per_s", "ratio", "p50_tpot_ms", "p99_tpot_ms", "ttft_ms",
                               "tokens", "wall_s", "match"])
 

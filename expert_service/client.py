@@ -112,10 +112,11 @@ class ExpertClient:
                 kind=b.kind, dtype=TAGS[x_TH.dtype], capacity_rows=capacity, hidden_size=hidden,
                 names=list(b.names), handles=list(b.handles), events=list(b.events)), timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            b.close(owner=True)
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise shared_buffers.SharedError(e.details()) from None
             raise
+        finally:
+            b.unlink()
         doorbell = None
         if reply.doorbell:
             try:
@@ -138,7 +139,6 @@ class ExpertClient:
                 await self.stub.Detach(expert_pb2.DetachRequest(session=session.id), timeout=timeout)
             except grpc.aio.AioRpcError:
                 pass
-        session.buffers.close(owner=True)
 
     async def info(self, *, timeout: float) -> expert_pb2.InfoReply:
         return await self.stub.Info(expert_pb2.InfoRequest(), timeout=timeout)

@@ -17,6 +17,7 @@ layer, expert, rows, ...]]. Reply: [code, details], code a grpc.StatusCode value
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 import sys
 import uuid
@@ -75,7 +76,7 @@ class DoorbellServer:
         """The socket's name, or "" where abstract Unix sockets do not exist."""
         if not sys.platform.startswith("linux"):
             return ""
-        self._server = await asyncio.start_unix_server(self._serve, self.path)
+        self._server = await asyncio.start_unix_server(self._serve, sock=_unix_socket(self.path, listen=True))
         return self.path
 
     async def _serve(self, reader, writer):
@@ -112,6 +113,23 @@ class DoorbellServer:
             self._server.close()
 
 
+def _unix_socket(name: str, listen: bool = False) -> socket.socket:
+    """A bound and listening, or connected, non-blocking Unix socket. Made here, not by asyncio:
+    uvloop (Ray Serve's event loop) refuses abstract names (EINVAL). A local connect does not block."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if listen:
+            sock.bind(name)
+            sock.listen(128)
+        else:
+            sock.connect(name)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     """The error the dispatcher already handles for gRPC calls (UNAVAILABLE is retried elsewhere)."""
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
@@ -128,7 +146,7 @@ class Doorbell:
 
     @classmethod
     async def connect(cls, path: str) -> Doorbell:
-        return cls(*await asyncio.open_unix_connection(path))
+        return cls(*await asyncio.open_unix_connection(sock=_unix_socket(path)))
 
     async def forward(self, session: str, rows: int, segments, timeout: float) -> None:
         """Raises grpc.aio.AioRpcError like a gRPC Forward would. After any error but a status

@@ -51,13 +51,14 @@ class Buffers:
     def capacity(self) -> int:
         return self.x.shape[0]
 
-    def close(self, owner: bool) -> None:
-        if owner and self.kind == "shm":
-            for n in self.names:
-                try:
-                    os.unlink(os.path.join(SHM_DIR, n))
-                except FileNotFoundError:
-                    pass
+    def unlink(self) -> None:
+        """Removes the shm files; both processes' mappings stay valid. The client calls this as soon
+        as the replica has mapped them (or refused to), so no file outlives a crashed process."""
+        for n in self.names if self.kind == "shm" else ():
+            try:
+                os.unlink(os.path.join(SHM_DIR, n))
+            except FileNotFoundError:
+                pass
 
 
 def create(kind: str, capacity: int, hidden: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> Buffers:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import time
 
 import grpc
@@ -22,13 +23,15 @@ pytestmark = pytest.mark.cluster
 
 @pytest.fixture(scope="module")
 def app(tiny_model):
-    """Eight logical GPUs, one per expert replica: placement is checked on a CPU machine."""
+    """Eight logical GPUs, one per expert replica: placement is checked on a CPU machine. The router
+    and the replicas share this node, so the rows go through /dev/shm sessions and their doorbells
+    (the other cluster modules cover bytes over gRPC)."""
     def gpu_per_expert(cfg):
         for d in cfg["applications"][0]["deployments"]:
             if d["name"].startswith("expert-"):
                 d["ray_actor_options"] = dict(d.get("ray_actor_options", {}), num_gpus=1)
         return cfg
-    with running_app(tiny_model, num_gpus=8, edit=gpu_per_expert) as (address, _):
+    with running_app(tiny_model, num_gpus=8, edit=gpu_per_expert, shared_memory="shm") as (address, _):
         yield address
 
 
@@ -91,6 +94,17 @@ def test_32_concurrent_requests_equal_solo(app, engine):
     with cf.ThreadPoolExecutor(32) as pool:
         together = list(pool.map(lambda j: client.generate(app, prompt_ids=j[0], params=j[1])["token_ids"], jobs))
     assert together == solo
+
+
+def test_rows_took_shared_memory_and_doorbells(app):
+    """A session's connection to a replica's doorbell exists only for shared buffers; their files
+    are unlinked as soon as both sides have mapped them, so none is left behind."""
+    client.generate(app, prompt_ids=list(range(3, 67)), params=SamplingParams(max_new_tokens=2))  # every expert
+    with open("/proc/net/unix") as f:
+        doorbells = [line.split() for line in f if "@moe-doorbell-" in line]
+    listening, connected = (sum(fields[5] == state for fields in doorbells) for state in ("01", "03"))
+    assert listening == 8 and connected >= 8  # each replica's socket, and the router's sessions
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("moe-")]
 
 
 def test_stats_count_every_routed_token(app):

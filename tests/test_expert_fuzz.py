@@ -214,4 +214,4 @@ def test_fuzzed_doorbell_frames_are_refused_cleanly_then_a_valid_call_answers(se
         want = reference(state, buffers.x[:3], [expert_pb2.Segment(layer=1, expert=7, rows=3)])
         torch.testing.assert_close(buffers.y[:3], want, rtol=1e-5, atol=1e-6)
     finally:
-        buffers.close(owner=True)
+        buffers.unlink()
