@@ -3,8 +3,8 @@
 Expert servers (`python -m expert_service`, one expert each) on this machine, called from this
 process through ExpertClient:
 - `info`: the Info RPC, an empty round trip (gRPC alone);
-- `forward`: a Forward of `rows` rows (bytes in the message, or `cuda_ipc` buffers with only the
-  envelope on the wire), to one server, calls one after another;
+- `forward`: a Forward of `rows` rows (bytes in a gRPC message, or through a `cuda_ipc`/`shm`
+  session, the envelope over the replica's doorbell socket), to one server, one call after another;
 - `forward x8`: the same to eight servers at once (one MoE layer's scatter), one after another
   (`sequential`) or concurrently (`concurrent`), ms for all eight.
 

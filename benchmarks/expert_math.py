@@ -18,7 +18,6 @@ import itertools
 import tempfile
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import measure, run, save
 from benchmarks.moe_layer import gemm_tflops, layer_checkpoint
@@ -30,7 +29,7 @@ def grouped_ffn(x_TH: torch.Tensor, w13_G2IH: torch.Tensor, w2_GHI: torch.Tensor
     """fused_ffn for G experts in one grouped GEMM each way: rows of x_TH grouped by expert, rows_G[g] for g."""
     offs_G = torch.tensor(list(itertools.accumulate(rows_G)), dtype=torch.int32).to(x_TH.device)
     gate_TI, up_TI = torch._grouped_mm(x_TH, w13_G2IH.transpose(1, 2), offs=offs_G).chunk(2, dim=-1)
-    return torch._grouped_mm(F.silu(gate_TI) * up_TI, w2_GHI.transpose(1, 2), offs=offs_G)  # [T, H]
+    return torch._grouped_mm(swiglu(gate_TI, up_TI), w2_GHI.transpose(1, 2), offs=offs_G)  # [T, H]
 
 
 def main(argv=None):
@@ -48,6 +47,8 @@ def main(argv=None):
         shard = ExpertShard.load(ckpt, [(0, e) for e in range(cfg.n_experts)], device=device, dtype=dtype, act=swiglu)
         gate = model.DenseWeights.load(ckpt).layers[0].gate.to(device, dtype)
     compiled_shard = ExpertShard(shard.weights, act=compiled_swiglu(device, dtype, cfg.intermediate_size))
+    w13 = torch.stack([shard.fused[0, e][0] for e in range(cfg.n_experts)])  # [E, 2I, H]
+    w2 = torch.stack([shard.fused[0, e][1] for e in range(cfg.n_experts)])   # [E, H, I]
     peak = gemm_tflops(device, dtype)
     rows = []
     for T in (int(t) for t in a.tokens.split(",")):
@@ -59,8 +60,6 @@ def main(argv=None):
         segs = [(0, e, n) for e, n in enumerate(counts)]
         flops = 2 * 3 * xs.shape[0] * cfg.hidden_size * cfg.intermediate_size
         outs = {}
-        w13 = torch.stack([shard.fused[0, e][0] for e in range(cfg.n_experts)])  # [E, 2I, H]
-        w2 = torch.stack([shard.fused[0, e][1] for e in range(cfg.n_experts)])   # [E, H, I]
         ways = {"loop": lambda: shard.forward(xs, segs),
                 "loop, compiled swiglu": lambda: compiled_shard.forward(xs, segs),
                 "grouped": lambda: grouped_ffn(xs, w13, w2, counts)}

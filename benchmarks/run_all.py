@@ -20,8 +20,7 @@ from pathlib import Path
 from benchmarks import report
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["codec", "moe_layer", "decode_floor", "e2e"]
-GPU_ONLY = ["expert_math", "call_overhead"]  # run too when this machine has a GPU
+ORDER, GPU_ONLY = report.ORDER, report.GPU_ONLY  # GPU_ONLY runs too when this machine has a GPU
 
 
 @functools.cache

@@ -30,10 +30,11 @@ def compiled_swiglu(device, dtype: torch.dtype, intermediate: int, min_rows: int
     """swiglu as one generated elementwise kernel (reads gate and up, writes the product) instead of
     two eager ones (silu, then the product: five tensor-sized passes instead of three), for calls of
     at least `min_rows` rows: below that, the compiled function's own per-call cost outweighs the
-    saved passes (on an H200: 2-3% faster expert math at 1024+ rows per expert, slower at 256).
+    saved passes (benchmarks/expert_math.py on an H200: 2-3% faster expert math at 1024+ rows per
+    expert; compiled at every size, 0.77x at 256 rows per expert, T=1024).
     Compiled here, once, for any row count, so no call waits for the compiler."""
     compiled = torch.compile(swiglu, dynamic=True)
-    for rows in (7, 9):  # two sizes: the second compile is the one for symbolic row counts
+    for rows in (7, 9):  # two sizes: should the first compile specialise on its shape, the second is dynamic
         compiled(*torch.randn(rows, 2 * intermediate, device=device, dtype=dtype).chunk(2, dim=-1))
 
     def act(gate_TI: torch.Tensor, up_TI: torch.Tensor) -> torch.Tensor:

@@ -100,8 +100,8 @@ def _gpu_benchmark() -> Path | None:
             runs[p.stem] = (p, d, {r.get("transport") for r in d.get("rows", [])})
     superseded = {d.get("compare_to") for _, d, t in runs.values()
                   if d.get("compare_to") in runs and t >= runs[d["compare_to"]][2]}
-    found = [(preset(d["preset"]).hidden_size * preset(d["preset"]).intermediate_size, len(t), p)
-             for name, (p, d, t) in runs.items() if name not in superseded]
+    found = [(cfg.hidden_size * cfg.intermediate_size, len(t), p)
+             for name, (p, d, t) in runs.items() if name not in superseded for cfg in [preset(d["preset"])]]
     return max(found)[2] if found else None
 
 
