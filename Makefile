@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 MODEL   ?= models/tiny
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench protos clean
+.PHONY: setup demo test test-fast test-gpu bench protos clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not cluster" $(PYTEST_ARGS)
+
+# On a machine with CUDA GPUs: CUDA IPC sessions on the router's GPU and on a peer (not part of `test`).
+test-gpu: setup
+	$(BIN)/python -m pytest tests_gpu $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all

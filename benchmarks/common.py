@@ -81,17 +81,21 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
 
 class ExpertServers:
-    """`python -m expert_service` subprocesses, one per shard; a context manager that stops them."""
+    """`python -m expert_service` subprocesses, one per shard, started together; a context manager
+    that stops them. `gpus` pins a shard's server to one physical GPU the way Ray does
+    (CUDA_VISIBLE_DEVICES), so it computes on its "cuda" and sees no other GPU."""
 
-    def __init__(self, model_dir, shards: dict[str, list[int]], *, device="cpu", dtype="float32", threads=None):
+    def __init__(self, model_dir, shards: dict[str, list[int]], *, device="cpu", dtype="float32", threads=None,
+                 gpus: dict[str, int] | None = None):
         self.procs, self.addresses = [], {}
         # The cores shared out: OpenMP threads left spinning in idle servers slow the busy one.
         threads = threads or max(1, (os.cpu_count() or 1) // len(shards))
         for name, experts in shards.items():
             cmd = [sys.executable, "-m", "expert_service", "--model", str(model_dir), "--experts",
                    ",".join(map(str, experts)), "--device", device, "--dtype", dtype, "--threads", str(threads)]
-            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-            self.procs.append(p)
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpus[name])) if gpus and name in gpus else None
+            self.procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
+        for name, p in zip(shards, self.procs):
             line = p.stdout.readline()
             if not line:
                 self.close()

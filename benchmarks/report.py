@@ -17,7 +17,7 @@ from benchmarks.common import RESULTS, table
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 ORDER = ["codec", "moe_layer", "decode_floor", "e2e"]
-GPU_ONLY = ["expert_math", "call_overhead"]
+GPU_ONLY = ["expert_math", "call_overhead", "multi_gpu"]
 
 # How a variant is compared with its base: the columns that identify a row, the figure, and whether
 # higher is better. The transformers row's label carries its expert implementation; compare by system.

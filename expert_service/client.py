@@ -110,7 +110,8 @@ class ExpertClient:
         try:
             reply = await self.stub.Attach(expert_pb2.AttachRequest(
                 kind=b.kind, dtype=TAGS[x_TH.dtype], capacity_rows=capacity, hidden_size=hidden,
-                names=list(b.names), handles=list(b.handles), events=list(b.events)), timeout=timeout)
+                names=list(b.names), handles=list(b.handles), events=list(b.events),
+                device_uuid=b.device_uuid), timeout=timeout)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise shared_buffers.SharedError(e.details()) from None

@@ -129,7 +129,9 @@ class ExpertServicer:
             return encode(self.staging.to_host(y_TH.to(x_TH.dtype)))
         buffers = self.sessions[session]
         out = buffers.y[:x_TH.shape[0]]
-        if x_TH.device == self.device and x_TH.dtype == self.dtype:  # in place: buffers in, buffers out
+        if buffers.peer:  # on another GPU: one copy over the link each way, the GEMMs read local memory
+            out.copy_(self.shard.forward(x_TH.to(self.dtype, copy=True), segments))
+        elif x_TH.device == self.device and x_TH.dtype == self.dtype:  # in place: buffers in, buffers out
             self.shard.forward(x_TH, segments, out_TH=out)
         else:
             y_TH = self.shard.forward(self.staging.to_device(x_TH, self.device, self.dtype), segments)
@@ -192,7 +194,8 @@ class ExpertServicer:
         try:
             buffers = shared.open_remote(request.kind, request.capacity_rows, request.hidden_size, request.dtype,
                                          names=tuple(request.names), handles=tuple(request.handles),
-                                         events=tuple(request.events))
+                                         events=tuple(request.events), device=self.device,
+                                         device_uuid=request.device_uuid)
         except shared.SharedError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         session = uuid.uuid4().hex

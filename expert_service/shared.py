@@ -6,7 +6,9 @@ them to the replica once; each Forward then names the session and the row count.
 - "shm": files in /dev/shm mapped by both processes (CPU); the rows are written once by the
   router's gather and read in place by the expert, with no serialization at all;
 - "cuda_ipc": CUDA device memory shared through CUDA IPC handles (the same GPU or peers on one
-  host); the hidden states never leave the GPU. Two CUDA IPC events order the GPU work across
+  host); the hidden states never leave the GPUs. A replica on a peer GPU maps the buffers into its
+  own device's address space (over NVLink) and copies the rows in and the output out, once each
+  per call: its GEMMs read local memory. Two CUDA IPC events order the GPU work across
   the processes: the client records `ready` after writing the rows and the replica's stream waits
   on it; the replica records `done` after writing its output and the client's stream waits on
   that. No host waits for the GPU between the two.
@@ -46,6 +48,8 @@ class Buffers:
     ready: torch.cuda.Event | None = None   # cuda_ipc: input rows written
     done: torch.cuda.Event | None = None    # cuda_ipc: output rows written
     events: tuple[bytes, bytes] = (b"", b"")  # their IPC handles
+    device_uuid: str = ""                   # cuda_ipc: the GPU holding the buffers
+    peer: bool = False                      # server side: that GPU is not the replica's own
 
     @property
     def capacity(self) -> int:
@@ -73,13 +77,23 @@ def create(kind: str, capacity: int, hidden: int, dtype: torch.dtype, device: st
         with torch.cuda.device(x.device):
             ready, done = (torch.cuda.Event(interprocess=True) for _ in range(2))
             events = (ready.ipc_handle(), done.ipc_handle())
-        return Buffers(kind, x, y, handles=(_cuda_handle(x), _cuda_handle(y)), ready=ready, done=done, events=events)
+        return Buffers(kind, x, y, handles=(_cuda_handle(x), _cuda_handle(y)), ready=ready, done=done, events=events,
+                       device_uuid=gpu_uuid(x.device))
     raise SharedError(f"unknown shared-buffer kind {kind!r}; use 'shm' or 'cuda_ipc'")
 
 
+def gpu_uuid(device: torch.device) -> str:
+    """The GPU's UUID: the same GPU has the same one in every process, whatever its index there."""
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
 def open_remote(kind: str, capacity: int, hidden: int, dtype_tag: str, names=("", ""), handles=(b"", b""),
-                events=(b"", b"")) -> Buffers:
-    """The server side: map the buffers a client on this node created, after checking the request."""
+                events=(b"", b""), device: torch.device | None = None, device_uuid: str = "") -> Buffers:
+    """The server side: map the buffers a client on this node created, after checking the request.
+
+    cuda_ipc buffers are mapped into `device` (the replica's GPU) wherever they lie: a device index
+    means nothing across processes (each may see other GPUs, e.g. under Ray's CUDA_VISIBLE_DEVICES).
+    """
     if dtype_tag not in DTYPES:
         raise SharedError(f"unknown dtype {dtype_tag!r}")
     dtype = DTYPES[dtype_tag]
@@ -99,13 +113,14 @@ def open_remote(kind: str, capacity: int, hidden: int, dtype_tag: str, names=(""
         if any(len(e) != CUDA_IPC_HANDLE_BYTES for e in events):
             raise SharedError(f"a CUDA IPC event handle has {CUDA_IPC_HANDLE_BYTES} bytes")
         try:
-            x, y = (_open_cuda(h, dtype).view(capacity, hidden) for h in handles)
+            x, y = (_open_cuda(h, dtype, device).view(capacity, hidden) for h in handles)
             ready, done = (torch.cuda.Event.from_ipc_handle(x.device, e) for e in events)
+            peer = bool(device_uuid) and device_uuid != gpu_uuid(x.device)
         except SharedError:
             raise
         except Exception as e:  # a handle from another host or a freed buffer
             raise SharedError(f"cannot open CUDA IPC handle: {e}") from None
-        return Buffers(kind, x, y, ready=ready, done=done)
+        return Buffers(kind, x, y, ready=ready, done=done, device_uuid=device_uuid, peer=peer)
     raise SharedError(f"unknown shared-buffer kind {kind!r}; use 'shm' or 'cuda_ipc'")
 
 
@@ -118,11 +133,13 @@ def _cuda_handle(t: torch.Tensor) -> bytes:
     return msgpack.packb([device, handle, size, offset, ref_handle, ref_offset, event, event_sync])
 
 
-def _open_cuda(blob: bytes, dtype: torch.dtype) -> torch.Tensor:
+def _open_cuda(blob: bytes, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
     fields = msgpack.unpackb(blob)
     if not isinstance(fields, list) or len(fields) != 8:
         raise SharedError("CUDA IPC descriptor must have 8 fields")
     torch.cuda._lazy_init()
+    if device is not None and device.type == "cuda":  # map it into this device, not the client's index
+        fields[0] = device.index if device.index is not None else torch.cuda.current_device()
     storage = torch.UntypedStorage._new_shared_cuda(*fields)
     typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
     return torch._utils._rebuild_tensor(typed, 0, (fields[2] // dtype.itemsize,), (1,))

@@ -106,3 +106,30 @@ def test_report_rejects_a_results_file_without_rows(tmp_path):
     (tmp_path / "codec.json").write_text(json.dumps({"benchmark": "codec"}))
     with pytest.raises(ValueError, match="no 'rows' list"):
         report.load(tmp_path)
+
+
+def test_multi_gpu_placements_cover_every_expert_gpu_count():
+    from benchmarks.multi_gpu import placements
+    assert placements(1) == [("experts on GPU 0", "shared", [0])]
+    four = placements(4)
+    assert [gpus for _, _, gpus in four] == [[0], [1], [1, 2], [1, 2, 3], [0, 1], [0, 1, 2], [0, 1, 2, 3]]
+    assert all(0 not in gpus for _, family, gpus in four if family == "router alone")
+
+
+def test_multi_gpu_skew_makes_the_expert_hot_and_efficiency_divides_by_gpus():
+    import torch
+
+    from benchmarks.multi_gpu import _efficiency, skew
+    from router_service import model
+    g = torch.Generator().manual_seed(0)
+    gate_EH, x_TH = torch.randn(8, 64, generator=g), torch.randn(512, 64, generator=g)
+    _, idx = model.route(x_TH, gate_EH, 2)
+    assert (idx == 3).any(-1).float().mean() < 0.5
+    hot_TH, share = skew(x_TH, gate_EH, 2, 3, 0.9)
+    _, idx = model.route(hot_TH, gate_EH, 2)
+    assert share >= 0.9 and (idx == 3).any(-1).float().mean().item() == share
+
+    rows = [{"T": 8, "concurrency": 1, "family": "shared", "expert_gpus": 1, "tokens_per_s": 100.0},
+            {"T": 8, "concurrency": 1, "family": "shared", "expert_gpus": 2, "tokens_per_s": 150.0},
+            {"T": 8, "concurrency": 1, "family": "inprocess", "expert_gpus": 1, "tokens_per_s": 90.0}]
+    assert [r.get("scaling_eff") for r in _efficiency(rows)] == [1.0, 0.75, None]

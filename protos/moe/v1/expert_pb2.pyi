@@ -36,7 +36,7 @@ class ForwardReply(_message.Message):
     def __init__(self, output: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("kind", "dtype", "capacity_rows", "hidden_size", "names", "handles", "events")
+    __slots__ = ("kind", "dtype", "capacity_rows", "hidden_size", "names", "handles", "events", "device_uuid")
     KIND_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class AttachRequest(_message.Message):
     NAMES_FIELD_NUMBER: _ClassVar[int]
     HANDLES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     kind: str
     dtype: str
     capacity_rows: int
@@ -51,7 +52,8 @@ class AttachRequest(_message.Message):
     names: _containers.RepeatedScalarFieldContainer[str]
     handles: _containers.RepeatedScalarFieldContainer[bytes]
     events: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, kind: _Optional[str] = ..., dtype: _Optional[str] = ..., capacity_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., handles: _Optional[_Iterable[bytes]] = ..., events: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    device_uuid: str
+    def __init__(self, kind: _Optional[str] = ..., dtype: _Optional[str] = ..., capacity_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., handles: _Optional[_Iterable[bytes]] = ..., events: _Optional[_Iterable[bytes]] = ..., device_uuid: _Optional[str] = ...) -> None: ...
 
 class AttachReply(_message.Message):
     __slots__ = ("session", "doorbell")
