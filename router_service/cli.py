@@ -43,10 +43,13 @@ def _params(a):
 
 
 def _local_engine(a):
+    import torch
     from router_service.engine import local_engine
     if not a.model:
         raise UsageError("--local needs --model DIR")
-    return local_engine(a.model)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {a.device}: this torch sees no CUDA device")
+    return local_engine(a.model, device=a.device, dtype=getattr(torch, a.dtype))
 
 
 def cmd_generate(a):
@@ -147,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--local", action="store_true", help="run in this process instead of calling the gateway")
         s.add_argument("--address", default="127.0.0.1:9000", help="gateway HOST:PORT")
         s.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+        s.add_argument("--device", default="cpu", help="with --local: torch device of the model, e.g. cuda")
+        s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="with --local: dtype of the model (bfloat16 on GPUs)")
 
     s = sub.add_parser("generate", help="generate tokens")
     target(s)

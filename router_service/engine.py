@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from moe_core.config import MoEConfig
+from moe_core.staging import Staging
 from router_service import model
 from router_service.dispatch import STEP_DEADLINE
 from router_service.sampling import SamplingParams, sample
@@ -53,10 +54,15 @@ class _Sequence:
 
 
 class Engine:
-    def __init__(self, cfg: MoEConfig, weights: model.DenseWeights, dispatcher, *,
+    def __init__(self, cfg: MoEConfig, weights: model.DenseWeights, dispatcher, *, device=None,
                  max_running: int = 64, max_queued: int = 256, max_step_tokens: int = 8192,
                  micro_batches: int = 1):
-        self.cfg, self.weights, self.dispatcher = cfg, weights, dispatcher
+        """`device` (default: the weights') holds the weights, KV caches and every step's tensors;
+        logits come back to the CPU in float32 for sampling, so seeded results do not depend on it."""
+        self.cfg, self.dispatcher = cfg, dispatcher
+        self.device = weights.device if device is None else torch.device(device)
+        self.weights = weights.to(self.device)
+        self._staging = Staging()  # pinned host memory for the logits (pageable GPU copies are slow)
         self.max_running, self.max_queued, self.max_step_tokens = max_running, max_queued, max_step_tokens
         self.micro_batches = micro_batches
         self.waiting: deque[_Sequence] = deque()
@@ -125,7 +131,8 @@ class Engine:
         if live >= self.max_running + self.max_queued:
             raise Overloaded(f"{live} requests in flight or queued "
                              f"(limits: {self.max_running} running + {self.max_queued} queued)")
-        seq = _Sequence(list(prompt), params, asyncio.Queue(), model.KVCache(self.cfg, capacity), len(prompt),
+        seq = _Sequence(list(prompt), params, asyncio.Queue(),
+                        model.KVCache(self.cfg, capacity, self.weights.dtype, self.device), len(prompt),
                         params.generator() if params else None, deadline)
         self.waiting.append(seq)
         if self._loop_task is None or self._loop_task.done():  # first use, or a new event loop
@@ -212,20 +219,20 @@ class Engine:
             new = s.tokens[start:]
             segments.append(model.Segment(s.cache, start, len(new)))
             tokens += new
-        h_TH = await model.forward(self.cfg, self.weights, torch.tensor(tokens), segments,
+        h_TH = await model.forward(self.cfg, self.weights, torch.tensor(tokens, device=self.device), segments,
                                    self.dispatcher, on_route=self.stats.record)
         self.stats.tokens += len(tokens)
         return segments, h_TH
 
     def _emit(self, group: list[_Sequence], segments: list[model.Segment], h_TH: torch.Tensor):
         ends = list(itertools.accumulate(seg.length for seg in segments))
-        # One lm_head GEMM over every sequence's last position: [B, V]
-        logits_BV = model.logits(self.weights, h_TH[[end - 1 for end in ends]])
+        # One lm_head GEMM over every sequence's last position, one copy to the CPU: [B, V]
+        logits_BV = self._to_cpu(model.logits(self.weights, h_TH[[end - 1 for end in ends]]))
         for b, (s, seg, end) in enumerate(zip(group, segments, ends)):
             if s.done:
                 continue
             if s.params is None:
-                s.out.put_nowait(model.logits(self.weights, h_TH[end - seg.length:end]).float())
+                s.out.put_nowait(self._to_cpu(model.logits(self.weights, h_TH[end - seg.length:end])))
                 self._finish(s)
                 continue
             try:
@@ -244,6 +251,10 @@ class Engine:
             s.out.put_nowait((tok, reason))
             if reason:
                 self._finish(s)
+
+    def _to_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 on the CPU; from a GPU a tensor of its own (the staging buffer is reused)."""
+        return self._staging.to_host(x).to(torch.float32, copy=x.is_cuda)
 
     def _finish(self, s: _Sequence):
         s.done = True
@@ -265,12 +276,14 @@ def _split(batch: list[_Sequence], n: int) -> list[list[_Sequence]]:
     return groups + [cur] if cur else groups
 
 
-def local_engine(model_dir, **limits) -> Engine:
-    """Everything in this process: dense weights, every expert, the in-process dispatcher."""
+def local_engine(model_dir, device="cpu", dtype=torch.float32, **limits) -> Engine:
+    """Everything in this process, on `device` in `dtype`: dense weights, every expert, the
+    in-process dispatcher."""
     from expert_service.experts import ExpertShard
     from moe_core.checkpoint import Checkpoint, all_pairs
     from router_service.dispatch import InProcessDispatcher
 
     ckpt = Checkpoint(model_dir)
-    shard = ExpertShard.load(ckpt, all_pairs(ckpt.config))
-    return Engine(ckpt.config, model.DenseWeights.load(ckpt), InProcessDispatcher(shard), **limits)
+    shard = ExpertShard.load(ckpt, all_pairs(ckpt.config), device=device, dtype=dtype)
+    weights = model.DenseWeights.load(ckpt, dtype=dtype, device=device)
+    return Engine(ckpt.config, weights, InProcessDispatcher(shard), **limits)

@@ -1,7 +1,8 @@
 """The dense part of a Mixtral decoder, and the MoE block that hands experts to a dispatcher.
 
 Legend: T tokens in this step (all sequences, flattened), H hidden size, K top_k, E experts,
-N = T * K routed rows, Q query heads, G kv heads, D head dim, S cached positions of one sequence.
+N = T * K routed rows, Q query heads, G kv heads, D head dim, S cached positions of one sequence,
+B sequences that decode one token in this step.
 """
 from __future__ import annotations
 
@@ -48,8 +49,26 @@ class DenseWeights:
                    s.get("lm_head.weight", embed))
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, dtype=torch.float32) -> DenseWeights:
-        return cls.from_state(ckpt.config, ckpt.load(dense_shapes(ckpt.config), dtype=dtype, desc="loading router"))
+    def load(cls, ckpt: Checkpoint, dtype=torch.float32, device="cpu") -> DenseWeights:
+        state = ckpt.load(dense_shapes(ckpt.config), dtype=dtype, desc="loading router")
+        return cls.from_state(ckpt.config, state).to(device)
+
+    def to(self, device=None, dtype=None) -> DenseWeights:
+        """These weights on `device` in `dtype` (tensors already there are not copied); a tied
+        lm_head stays one tensor with the embedding."""
+        def move(t):
+            return t.to(device=device, dtype=dtype)
+        embed = move(self.embed)
+        return DenseWeights(embed, [LayerWeights(**{k: move(t) for k, t in vars(lw).items()}) for lw in self.layers],
+                            move(self.norm), embed if self.lm_head is self.embed else move(self.lm_head))
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,7 +77,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope_cos_sin(positions_T: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)  # [D/2]
+    arange = torch.arange(0, dim, 2, dtype=torch.int64, device=positions_T.device)
+    inv_freq = 1.0 / theta ** (arange.float() / dim)                                        # [D/2]
     freqs = positions_T.float()[:, None] * inv_freq[None, :]                                 # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)                                                  # [T, D]
     return emb.cos(), emb.sin()
@@ -73,9 +93,10 @@ def apply_rope(x_THD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) 
 class KVCache:
     """One sequence's keys and values for every layer, grown as positions are written."""
 
-    def __init__(self, cfg: MoEConfig, capacity: int, dtype=torch.float32):
+    def __init__(self, cfg: MoEConfig, capacity: int, dtype=torch.float32, device="cpu"):
         shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.dim_per_head)
-        self.k, self.v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)  # [L, G, S, D]
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, G, S, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # positions written for every layer
 
     def write(self, layer: int, start: int, k_nGD: torch.Tensor, v_nGD: torch.Tensor):
@@ -93,35 +114,53 @@ class Segment:
     length: int
 
 
-def attention(cfg: MoEConfig, w: LayerWeights, layer: int, x_TH: torch.Tensor, segments: list[Segment],
-              cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+@dataclass
+class Step:
+    """What every layer's attention needs to know about one step's sequences, built once per step
+    on the model's device: the layers then make no host-to-device copies (each waits for the GPU)."""
+    cos_TD: torch.Tensor
+    sin_TD: torch.Tensor
+    prompts: list[tuple[Segment, int, torch.Tensor]]  # (segment, first row, mask [n, S]) for runs of 2+ tokens
+    decodes: list[tuple[Segment, int]]                # (segment, row) for one new token
+    rows_B: torch.Tensor | None                       # the decodes' rows
+    mask_BS: torch.Tensor | None                      # which of their (padded) cached positions each sees
+
+
+def plan_step(cfg: MoEConfig, segments: list[Segment], device, dtype: torch.dtype) -> Step:
+    positions_T = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(device)
+    cos_TD, sin_TD = rope_cos_sin(positions_T, cfg.dim_per_head, cfg.rope_theta)
+    rows = list(itertools.accumulate((seg.length for seg in segments), initial=0))
+    prompts = [(seg, r, _causal(cfg, positions_T[r:r + seg.length, None],
+                                torch.arange(seg.start + seg.length, device=device)[None, :]))
+               for seg, r in zip(segments, rows) if seg.length > 1]
+    decodes = [(seg, r) for seg, r in zip(segments, rows) if seg.length == 1]
+    rows_B = mask_BS = None
+    if decodes:
+        rows_B = torch.tensor([r for _, r in decodes], device=device)
+        S = max(seg.start for seg, _ in decodes) + 1
+        mask_BS = _causal(cfg, positions_T[rows_B, None], torch.arange(S, device=device)[None, :])
+    return Step(cos_TD.to(dtype), sin_TD.to(dtype), prompts, decodes, rows_B, mask_BS)
+
+
+def attention(cfg: MoEConfig, w: LayerWeights, layer: int, x_TH: torch.Tensor, step: Step) -> torch.Tensor:
     T, D, Q, G = x_TH.shape[0], cfg.dim_per_head, cfg.n_heads, cfg.n_kv_heads
-    q_TQD = apply_rope(F.linear(x_TH, w.wq).view(T, Q, D), cos_TD, sin_TD)
-    k_TGD = apply_rope(F.linear(x_TH, w.wk).view(T, G, D), cos_TD, sin_TD)
+    q_TQD = apply_rope(F.linear(x_TH, w.wq).view(T, Q, D), step.cos_TD, step.sin_TD)
+    k_TGD = apply_rope(F.linear(x_TH, w.wk).view(T, G, D), step.cos_TD, step.sin_TD)
     v_TGD = F.linear(x_TH, w.wv).view(T, G, D)
     out_TQD = torch.empty_like(q_TQD)
-    rows = list(itertools.accumulate((seg.length for seg in segments), initial=0))
-    decode = [i for i, seg in enumerate(segments) if seg.length == 1]
-    for i, seg in enumerate(segments):
-        if seg.length > 1:  # prompts differ in length: attention runs per sequence
-            r, n, s = rows[i], seg.length, seg.start
-            k_GSD, v_GSD = seg.cache.write(layer, s, k_TGD[r:r + n], v_TGD[r:r + n])
-            qpos, kpos = torch.arange(s, s + n)[:, None], torch.arange(s + n)[None, :]
-            y_QnD = F.scaled_dot_product_attention(q_TQD[r:r + n].transpose(0, 1), k_GSD, v_GSD,
-                                                   attn_mask=_causal(cfg, qpos, kpos), enable_gqa=G != Q)
-            out_TQD[r:r + n] = y_QnD.transpose(0, 1)
-    if decode:  # one new token per sequence: one attention call over the padded caches
-        rows_B = [rows[i] for i in decode]
-        ks, vs = zip(*(segments[i].cache.write(layer, segments[i].start, k_TGD[r:r + 1], v_TGD[r:r + 1])
-                       for i, r in zip(decode, rows_B)))
-        r_B = torch.tensor(rows_B)
+    for seg, r, mask in step.prompts:  # prompts differ in length: attention runs per sequence
+        n = seg.length
+        k_GSD, v_GSD = seg.cache.write(layer, seg.start, k_TGD[r:r + n], v_TGD[r:r + n])
+        y_QnD = F.scaled_dot_product_attention(q_TQD[r:r + n].transpose(0, 1), k_GSD, v_GSD,
+                                               attn_mask=mask, enable_gqa=G != Q)
+        out_TQD[r:r + n] = y_QnD.transpose(0, 1)
+    if step.decodes:  # one new token per sequence: one attention call over the padded caches
+        ks, vs = zip(*(seg.cache.write(layer, seg.start, k_TGD[r:r + 1], v_TGD[r:r + 1]) for seg, r in step.decodes))
         k_BGSD = pad_sequence([k.transpose(0, 1) for k in ks], batch_first=True).transpose(1, 2)
         v_BGSD = pad_sequence([v.transpose(0, 1) for v in vs], batch_first=True).transpose(1, 2)
-        qpos_B1 = torch.tensor([segments[i].start for i in decode])[:, None]
-        mask_BS = _causal(cfg, qpos_B1, torch.arange(k_BGSD.shape[2])[None, :])
-        y_BQ1D = F.scaled_dot_product_attention(q_TQD[r_B][:, :, None], k_BGSD, v_BGSD,
-                                                attn_mask=mask_BS[:, None, None], enable_gqa=G != Q)
-        out_TQD[r_B] = y_BQ1D[:, :, 0]
+        y_BQ1D = F.scaled_dot_product_attention(q_TQD[step.rows_B][:, :, None], k_BGSD, v_BGSD,
+                                                attn_mask=step.mask_BS[:, None, None], enable_gqa=G != Q)
+        out_TQD[step.rows_B] = y_BQ1D[:, :, 0]
     return F.linear(out_TQD.reshape(T, Q * D), w.wo)  # [T, H]
 
 
@@ -145,9 +184,12 @@ async def moe(layer: int, x_TH: torch.Tensor, gate_EH: torch.Tensor, top_k: int,
     """Route, group the rows by expert, run them through the dispatcher, combine with the gate weights."""
     E = gate_EH.shape[0]
     w_TK, idx_TK = route(x_TH, gate_EH, top_k)
-    order_N = idx_TK.flatten().argsort(stable=True)          # rows grouped by expert
+    idx_N = idx_TK.flatten()
+    order_N = idx_N.argsort(stable=True)                     # rows grouped by expert
     token_N = order_N // top_k
-    counts_E = torch.bincount(idx_TK.flatten(), minlength=E).tolist()
+    # The layer's one wait for the device (bincount would add two: on a GPU it reads min and max back).
+    ones_N = torch.ones_like(idx_N)
+    counts_E = torch.zeros(E, dtype=torch.int64, device=idx_N.device).scatter_add_(0, idx_N, ones_N).tolist()
     if on_route is not None:
         on_route(layer, counts_E)
     y_NH = await dispatcher.run_experts(layer, x_TH[token_N], counts_E)
@@ -162,11 +204,10 @@ async def forward(cfg: MoEConfig, w: DenseWeights, tokens_T: torch.Tensor, segme
 
     `on_route(layer, counts_E)` sees how many rows each expert got in every layer (statistics).
     """
-    positions_T = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments])
-    cos_TD, sin_TD = rope_cos_sin(positions_T, cfg.dim_per_head, cfg.rope_theta)
+    step = plan_step(cfg, segments, w.device, w.dtype)
     h_TH = F.embedding(tokens_T, w.embed)
     for L, lw in enumerate(w.layers):
-        h_TH = h_TH + attention(cfg, lw, L, rms_norm(h_TH, lw.attn_norm, cfg.rms_norm_eps), segments, cos_TD, sin_TD)
+        h_TH = h_TH + attention(cfg, lw, L, rms_norm(h_TH, lw.attn_norm, cfg.rms_norm_eps), step)
         x_TH = rms_norm(h_TH, lw.moe_norm, cfg.rms_norm_eps)
         h_TH = h_TH + await moe(L, x_TH, lw.gate, cfg.top_k, dispatcher, on_route)
     for s in segments:

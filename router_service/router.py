@@ -3,12 +3,14 @@ go over gRPC to the expert replicas registered in the directory."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import ray
 import torch
 from ray import serve
 
+from expert_service.deployment import DTYPES
 from expert_service.directory import DEFAULT_NAME, get_directory
 from moe_core.checkpoint import Checkpoint
 from router_service import model, security
@@ -26,7 +28,13 @@ class Router:
     def __init__(self, model_dir: str, shards: dict[str, list], directory: str = DEFAULT_NAME, *,
                  experts: list | None = None, max_running: int = 64, max_queued: int = 256, expert_timeout_s: float = 30.0,
                  wire_dtype: str | None = None, transport: str = "grpc", micro_batches: int = 1,
-                 shared_memory: str = "", expert_tls: dict | None = None):
+                 shared_memory: str = "", expert_tls: dict | None = None, router_device: str = "auto",
+                 router_dtype: str = "float32"):
+        if router_dtype not in DTYPES:
+            raise ValueError(f"router_dtype must be one of {', '.join(DTYPES)}, got {router_dtype!r}")
+        # "auto" follows the expert replicas' rule: a GPU when the deployment's num_gpus gave it one.
+        device = router_device if router_device != "auto" else (
+            "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
         ckpt = Checkpoint(model_dir)
         self.cfg = ckpt.config
         self.shards = shards
@@ -54,8 +62,11 @@ class Router:
         # dispatcher still tracks the directory for health and stats.
         engine_dispatcher = (self.dispatcher if transport == "grpc"
                              else HandleDispatcher(shard_of, self.expert_handles))
-        self.engine = Engine(self.cfg, model.DenseWeights.load(ckpt), engine_dispatcher,
+        weights = model.DenseWeights.load(ckpt, dtype=DTYPES[router_dtype], device=device)
+        self.engine = Engine(self.cfg, weights, engine_dispatcher,
                              max_running=max_running, max_queued=max_queued, micro_batches=micro_batches)
+        log.info("router on %s (%s, CUDA_VISIBLE_DEVICES=%s)", device, router_dtype,
+                 os.environ.get("CUDA_VISIBLE_DEVICES"))
         self.metrics = RouterMetrics(self.engine)  # Prometheus, flushed once a second off the step path
 
     async def generate(self, prompt: list[int], params: dict, timeout_s: float | None = None):
