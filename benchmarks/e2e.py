@@ -15,9 +15,13 @@ all gaps); TTFT = time to a request's first token; transformers' TPOT is the gap
 decode steps. `ratio` = our tokens/s over transformers' at the same batch size; `match` = share of
 our requests whose tokens equal transformers' (up to our EOS, where ours stops).
 
+On GPUs (--gpus N): transformers runs on cuda:0 in --dtype, and Ray declares N GPUs: the router
+takes --router-gpus of one (its engine then runs on cuda), each expert --expert-gpus (default: an
+even share of the rest), all in --dtype; --shared-memory cuda_ipc keeps the rows on the GPUs.
+
     python -m benchmarks.e2e [--concurrency 1,8,32] [--new-tokens 64] [--prompt-len 64]
-                             [--transport grpc|handle] [--shared-memory shm] [--micro-batches N]
-                             [--router-cpus N]
+                             [--transport grpc|handle] [--shared-memory shm|cuda_ipc] [--micro-batches N]
+                             [--router-cpus N] [--gpus N --router-gpus F --expert-gpus F --dtype bfloat16]
                              [--name e2e__VARIANT]
 """
 from __future__ import annotations
@@ -64,7 +68,8 @@ def _pct(xs, q) -> float:
 # ---- transformers ----
 
 def transformers_runs(model_dir: Path, prompts: list[list[int]], batches: list[int], new_tokens: int,
-                      experts: list[str]) -> tuple[list[dict], dict[int, list[list[int]]], dict]:
+                      experts: list[str], device: str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> tuple[list[dict], dict[int, list[list[int]]], dict]:
     """At each batch size, a short warm-up run with each experts implementation in `experts`, then the
     timed run with the one that was fastest: transformers at its best on this machine."""
     from transformers import MixtralForCausalLM
@@ -85,7 +90,7 @@ def transformers_runs(model_dir: Path, prompts: list[list[int]], batches: list[i
         def end(self):
             pass
 
-    model = MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = MixtralForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     info = {"default_experts_implementation": getattr(model.config, "_experts_implementation", None),
             "attn_implementation": model.config._attn_implementation, "threads": torch.get_num_threads()}
 
@@ -96,7 +101,7 @@ def transformers_runs(model_dir: Path, prompts: list[list[int]], batches: list[i
 
     rows, outputs = [], {}
     for b in batches:
-        ids = torch.tensor(prompts[:b])
+        ids = torch.tensor(prompts[:b], device=device)
         warm = {}
         for impl in experts:
             model.set_experts_implementation(impl)
@@ -164,30 +169,39 @@ async def _served(address: str, prompts, batches, new_tokens, timeout) -> tuple[
     return rows, outputs
 
 
-def one_replica_each(cfg: dict, router_cpus: int = 0) -> dict:
+def one_replica_each(cfg: dict, router_cpus: int = 0, router_gpus: float = 0, expert_gpus: float = 0) -> dict:
     """Every expert at one replica, autoscaling off: replicas started mid-run would share the same
     cores (and take them while loading), so the run would measure start-ups, not the data path.
-    router_cpus: CPUs the router reserves (Ray then gives its torch as many threads; 0: one)."""
+    router_cpus: CPUs the router reserves (Ray then gives its torch as many threads; 0: one);
+    router_gpus, expert_gpus: the GPU share each takes (0: CPU)."""
     for d in cfg["applications"][0]["deployments"]:
+        actor = d.setdefault("ray_actor_options", {})
         if d["name"].startswith("expert-"):
             d.pop("autoscaling_config", None)
             d["num_replicas"] = 1
-        if d["name"] == "Router" and router_cpus:
-            d.setdefault("ray_actor_options", {})["num_cpus"] = router_cpus
+            actor["num_gpus"] = expert_gpus
+        if d["name"] == "Router":
+            actor["num_gpus"] = router_gpus
+            if router_cpus:
+                actor["num_cpus"] = router_cpus
     return cfg
 
 
 def served_runs(model_dir: Path, prompts, batches, new_tokens, *, transport: str, micro_batches: int,
-                router_cpus: int, timeout: float, shared_memory: str = "") -> tuple[list[dict], dict]:
+                router_cpus: int, timeout: float, shared_memory: str = "", gpus: int = 0, router_gpus: float = 0,
+                expert_gpus: float = 0, dtype: str = "float32") -> tuple[list[dict], dict]:
     from tests.cluster_fixtures import running_app
 
     app_args = {"transport": transport}
+    if dtype != "float32":
+        app_args.update(expert_dtype=dtype, router_dtype=dtype)
     if micro_batches != 1:
         app_args["micro_batches"] = micro_batches
     if shared_memory:
         app_args["shared_memory"] = shared_memory
     t0 = time.perf_counter()
-    with running_app(model_dir, edit=lambda cfg: one_replica_each(cfg, router_cpus), **app_args) as (address, _):
+    edit = lambda cfg: one_replica_each(cfg, router_cpus, router_gpus, expert_gpus)  # noqa: E731
+    with running_app(model_dir, num_gpus=gpus, edit=edit, **app_args) as (address, _):
         print(f"app up at {address} in {time.perf_counter() - t0:.0f} s", flush=True)
         return asyncio.run(_served(address, prompts, batches, new_tokens, timeout))
 
@@ -200,11 +214,16 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--transport", default="grpc", choices=["grpc", "handle"], help="the router's expert dispatcher")
-    p.add_argument("--shared-memory", default="", choices=["", "shm"],
-                   help="shm: rows through /dev/shm sessions and their doorbells instead of bytes over gRPC")
+    p.add_argument("--shared-memory", default="", choices=["", "shm", "cuda_ipc"],
+                   help="shm: rows through /dev/shm sessions and their doorbells instead of bytes over gRPC; "
+                        "cuda_ipc: through GPU memory (router and experts on GPUs)")
     p.add_argument("--micro-batches", type=int, default=1, help="router micro-batches per step (2 = ping-pong)")
     p.add_argument("--router-cpus", type=int, default=0, help="CPUs the router replica reserves, and so its "
                                                               "torch threads (default 0: one thread)")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs Ray declares (0: everything on CPU)")
+    p.add_argument("--router-gpus", type=float, help="the router's GPU share (default 1 with 2+ GPUs, else 0.2)")
+    p.add_argument("--expert-gpus", type=float, help="each expert's GPU share (default: the rest split evenly)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="router, experts, transformers")
     p.add_argument("--hf-experts", default="eager,grouped_mm",
                    help="transformers experts_implementation(s); with several, the fastest in a warm-up is timed")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
@@ -216,14 +235,19 @@ def main(argv=None):
     model_dir = ensure_model(a.model.resolve(), a.preset)
     cfg = MoEConfig.from_dir(model_dir)
     prompts = make_prompts(max(batches), a.prompt_len, cfg.vocab_size)
+    if a.gpus:
+        a.router_gpus = a.router_gpus if a.router_gpus is not None else (1.0 if a.gpus > 1 else 0.2)
+        a.expert_gpus = a.expert_gpus or (a.gpus - a.router_gpus) / cfg.n_experts
 
     hf_rows, hf_out, hf_info = [], {}, {}
     if not a.no_transformers:
         hf_rows, hf_out, hf_info = transformers_runs(model_dir, prompts, batches, a.new_tokens,
-                                                     a.hf_experts.split(","))
+                                                     a.hf_experts.split(","), "cuda" if a.gpus else "cpu",
+                                                     getattr(torch, a.dtype))
     ours, our_out = served_runs(model_dir, prompts, batches, a.new_tokens, transport=a.transport,
                                 micro_batches=a.micro_batches, router_cpus=a.router_cpus, timeout=a.timeout,
-                                shared_memory=a.shared_memory)
+                                shared_memory=a.shared_memory, gpus=a.gpus, router_gpus=a.router_gpus or 0,
+                                expert_gpus=a.expert_gpus or 0, dtype=a.dtype)
     rows = []
     for r in ours:
         b = r["batch"]
@@ -237,7 +261,10 @@ def main(argv=None):
     meta = {"model": str(shown), "config": {k: getattr(cfg, k) for k in (
         "hidden_size", "intermediate_size", "n_layers", "n_experts", "top_k", "vocab_size")},
             "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "transport": a.transport,
-            "shared_memory": a.shared_memory, "micro_batches": a.micro_batches, "router_cpus": a.router_cpus, "transformers": hf_info, "note": a.note}
+            "shared_memory": a.shared_memory, "micro_batches": a.micro_batches, "router_cpus": a.router_cpus,
+            "transformers": hf_info, "note": a.note,
+            **({"dtype": a.dtype, "gpus": a.gpus, "router_gpus": a.router_gpus, "expert_gpus": a.expert_gpus}
+               if a.gpus else {})}
     save(a.name, rows, meta, ["batch", "system", "tokens_per_s", "ratio", "p50_tpot_ms", "p99_tpot_ms", "ttft_ms",
                               "tokens", "wall_s", "match"])
 

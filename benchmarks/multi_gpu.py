@@ -20,6 +20,8 @@ Hot expert (G >= 2): tokens are shifted along expert 3's gate row until it is in
 --hot-share of them; the layer with every expert on GPU 0, then with a second replica of expert 3
 on GPU 1, whose rows the dispatcher then splits between the two. Expert processes on one GPU
 time-slice it unless the NVIDIA MPS daemon runs (docs/deploy.md); say which with --note.
+`max_abs_diff`/`rel_err` compare with in-process: a hot expert's rows split between two replicas
+run as GEMMs of other row counts, whose bf16 rounding differs (rel_err about 1e-3 or less).
 
     python -m benchmarks.multi_gpu [--tokens 1024,4096] [--concurrency 1,4] [--hot-share 0.9] [--note TEXT]
 """
@@ -44,7 +46,8 @@ HOT = 3  # the expert made hot
 def placements(n_gpus: int) -> list[tuple[str, str, list[int]]]:
     """(label, family, GPUs holding experts): the family's one-GPU placement is its scaling base."""
     out = [("experts on GPU 0", "shared", [0])]
-    out += [(f"router on GPU 0, experts on GPUs 1-{g}", "router alone", list(range(1, g + 1))) for g in range(1, n_gpus)]
+    out += [(f"router on GPU 0, experts on GPU{'s 1-' if g > 1 else ' '}{g}", "router alone", list(range(1, g + 1)))
+            for g in range(1, n_gpus)]
     out += [(f"experts on GPUs 0-{g - 1}", "shared", list(range(g))) for g in range(2, n_gpus + 1)]
     return out
 
@@ -119,6 +122,7 @@ async def _measure(runs, xs, gate, cfg, common: dict) -> list[dict]:
     for label, family, gpus, disp in runs:
         outs = [await model.moe(0, x, gate, cfg.top_k, disp) for x in xs]
         err = max((o.float() - r.float()).abs().max().item() for o, r in zip(outs, refs))
+        rel = max(((o.float() - r.float()).norm() / r.float().norm()).item() for o, r in zip(outs, refs))
 
         async def layer_calls():
             await asyncio.gather(*(model.moe(0, x, gate, cfg.top_k, disp) for x in xs))
@@ -127,7 +131,7 @@ async def _measure(runs, xs, gate, cfg, common: dict) -> list[dict]:
         tokens = sum(x.shape[0] for x in xs)
         rows.append({**common, "placement": label, "family": family, "expert_gpus": len(gpus), "ms": r["ms"],
                      "p90_ms": r["p90_ms"], "tokens_per_s": tokens / r["ms"] * 1e3, "ratio": r["ms"] / base,
-                     "max_abs_diff": err})
+                     "max_abs_diff": err, "rel_err": rel})
         print(rows[-1], flush=True)
     return rows
 
@@ -161,7 +165,7 @@ def main(argv=None):
     save(a.name, rows, {"preset": a.preset, "dtype": "bfloat16", "gpus": torch.cuda.device_count(),
                         "transport": "cuda_ipc", **({"note": a.note} if a.note else {})},
          ["T", "concurrency", "placement", "expert_gpus", "hot_rows", "ms", "p90_ms", "tokens_per_s", "ratio",
-          "scaling_eff", "max_abs_diff"])
+          "scaling_eff", "max_abs_diff", "rel_err"])
 
 
 if __name__ == "__main__":
