@@ -121,10 +121,14 @@ class ExpertClient:
         doorbell = None
         if reply.doorbell:
             try:
-                doorbell = await Doorbell.connect(reply.doorbell)
+                doorbell = await Doorbell.connect(reply.doorbell, probe=self._probe)
             except OSError:  # another network namespace: the envelope goes over gRPC
                 pass
         return _Session(reply.session, b, doorbell)
+
+    async def _probe(self) -> None:
+        """Raises grpc.aio.AioRpcError unless the replica answers Info in time (doorbell liveness)."""
+        await self.info(timeout=Doorbell.probe_timeout_s)
 
     def _forget(self, session: _Session) -> None:
         """Detaches a session in the background (this may run while a cancellation unwinds)."""

@@ -11,6 +11,13 @@ an Attach over gRPC (and its TLS, where on), is the credential. Calls on a conne
 time, and closing it detaches the session. A client that cannot connect (another network
 namespace, not Linux) keeps sending its Forwards over gRPC.
 
+A Unix socket has no keepalive: a replica that stops without closing it (a stopped or wedged
+process) would hold a call until its deadline. So a call that has had no reply for 10 s asks the
+replica's gRPC Info (within 5 s: Doorbell.probe_after_s, probe_timeout_s); if that
+fails the call fails UNAVAILABLE, and the dispatcher retries it on another replica, within about
+the 15 s after which gRPC gives up on a silent connection. A replica that answers Info is busy,
+not gone, and the call waits on.
+
 Frames: a 4-byte big-endian length, then msgpack. Request: [session, rows, [layer, expert, rows,
 layer, expert, rows, ...]]. Reply: [code, details], code a grpc.StatusCode value (0 is OK).
 """
@@ -139,14 +146,17 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class Doorbell:
-    """The client end of one session's connection; a call at a time."""
+    """The client end of one session's connection; a call at a time. `probe()` checks that the
+    replica is alive (its gRPC Info, within probe_timeout_s) and raises if not."""
+    probe_after_s = 10.0
+    probe_timeout_s = 5.0
 
-    def __init__(self, reader, writer):
-        self.reader, self.writer = reader, writer
+    def __init__(self, reader, writer, probe=None):
+        self.reader, self.writer, self.probe = reader, writer, probe
 
     @classmethod
-    async def connect(cls, path: str) -> Doorbell:
-        return cls(*await asyncio.open_unix_connection(sock=_unix_socket(path)))
+    async def connect(cls, path: str, probe=None) -> Doorbell:
+        return cls(*await asyncio.open_unix_connection(sock=_unix_socket(path)), probe=probe)
 
     async def forward(self, session: str, rows: int, segments, timeout: float) -> None:
         """Raises grpc.aio.AioRpcError like a gRPC Forward would. After any error but a status
@@ -154,18 +164,41 @@ class Doorbell:
         flat = [v for seg in segments for v in seg]
         try:
             self.writer.write(pack([session, rows, flat]))
-            code, details = await asyncio.wait_for(read_frame(self.reader), timeout)
+            code, details = await self._reply(timeout)
         except asyncio.TimeoutError:
             self.close()
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "doorbell call timed out") from None
         except (asyncio.IncompleteReadError, ConnectionError, FrameError, ValueError, TypeError):
             self.close()
             raise _error(grpc.StatusCode.UNAVAILABLE, "expert replica closed its doorbell") from None
+        except grpc.aio.AioRpcError as e:  # the probe failed
+            self.close()
+            raise _error(grpc.StatusCode.UNAVAILABLE,
+                         f"expert replica stopped answering (Info: {e.code().name})") from None
         except BaseException:  # cancelled mid-call: the reply would be read by the next call
             self.close()
             raise
         if code:
             raise _error(_CODES.get(code, grpc.StatusCode.UNKNOWN), details)
+
+    async def _reply(self, timeout: float):
+        """The reply frame; every probe_after_s without one, the replica is probed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        read = asyncio.ensure_future(read_frame(self.reader))
+        try:
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                done, _ = await asyncio.wait({read}, timeout=min(left, self.probe_after_s))
+                if done:
+                    return read.result()
+                if self.probe is not None and deadline - loop.time() > 0:
+                    await self.probe()
+        finally:
+            if not read.done():
+                read.cancel()
 
     @property
     def closed(self) -> bool:

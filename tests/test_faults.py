@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import random
+import signal
 import socket
 import threading
 import time
@@ -19,6 +20,8 @@ import pytest
 import torch
 from ray import serve
 
+from benchmarks.common import ExpertServers
+from expert_service.doorbell import Doorbell
 from expert_service.experts import ExpertShard
 from expert_service.server import start_server
 from moe.v1 import gateway_pb2_grpc
@@ -175,6 +178,48 @@ def test_dispatcher_skips_dead_and_hung_replicas_within_seconds(tiny_model):
     assert forgotten == {hung_address, dead} and retries == 2
     assert max(seconds) < 8, seconds
     hung.close()
+
+
+def test_a_stopped_replica_behind_a_doorbell_is_skipped_within_seconds(tiny_model, monkeypatch):
+    """Two `python -m expert_service` processes with shm sessions; one is stopped (SIGSTOP): its
+    sockets stay open, so only the doorbell's liveness probe notices. Every call still returns the
+    right rows, none waits much past the probe, and the stopped one is reported."""
+    monkeypatch.setattr(Doorbell, "probe_after_s", 1.0)
+    pairs = all_pairs(Checkpoint(tiny_model).config)
+    shard = ExpertShard.load(Checkpoint(tiny_model), pairs)
+    x, counts = torch.randn(5, 64), [1, 0, 2, 0, 0, 0, 2, 0]
+    want = shard.forward(x, [(0, 0, 1), (0, 2, 2), (0, 6, 2)])
+    with ExpertServers(tiny_model, {"a": list(range(8)), "b": list(range(8))}) as servers:
+        addresses = list(servers.addresses.values())
+
+        async def go():
+            forgotten, seconds, outs = [], [], []
+
+            async def lookup():
+                return {"all": addresses}
+
+            async def forget(address):
+                forgotten.append(address)
+            d = GrpcDispatcher({p: "all" for p in pairs}, lookup, forget, refresh_s=30, shared="shm")
+            try:
+                for _ in range(20):  # shm sessions with their doorbells on both replicas
+                    await asyncio.gather(*(d.run_experts(0, x, counts) for _ in range(4)))
+                    if all(r.client._free and r.client._free[0].doorbell for r in d.replicas["all"]):
+                        break
+                assert all(r.client._free and r.client._free[0].doorbell for r in d.replicas["all"])
+                servers.procs[0].send_signal(signal.SIGSTOP)
+                while not forgotten and len(outs) < 40:
+                    t = time.monotonic()
+                    outs.append(await d.run_experts(0, x, counts))
+                    seconds.append(time.monotonic() - t)
+            finally:
+                servers.procs[0].send_signal(signal.SIGCONT)
+                await d.close()
+            return forgotten, seconds, outs
+        forgotten, seconds, outs = run(go())
+    assert forgotten == [addresses[0]]
+    assert all(torch.equal(y, want) for y in outs)
+    assert max(seconds) < Doorbell.probe_after_s + Doorbell.probe_timeout_s + 3, seconds
 
 
 # -- on a cluster ----------------------------------------------------------------------------------

@@ -227,3 +227,48 @@ def test_doorbell_works_under_uvloop():
             await server.stop(None)
             servicer.close()
     uvloop.run(go())
+
+
+@pytest.mark.parametrize("alive", [True, False])
+def test_a_silent_doorbell_call_probes_the_replica(alive, monkeypatch):
+    """No reply on the doorbell: a replica that still answers Info is busy and the call waits for
+    its deadline; one that does not is gone and the call fails UNAVAILABLE, in seconds."""
+    monkeypatch.setattr(doorbell.Doorbell, "probe_after_s", 0.2)
+    monkeypatch.setattr(doorbell.Doorbell, "probe_timeout_s", 0.3)
+    shard = _shard()
+
+    async def go():
+        servicer = ExpertServicer(shard)
+        probes, info, wedge = [], servicer.Info, asyncio.Event()
+
+        async def probed(request, context):  # start_server binds the servicer's methods: wrap first
+            if wedge.is_set():
+                probes.append(1)
+                if not alive:
+                    await asyncio.Event().wait()
+            return await info(request, context)
+        servicer.Info = probed
+        server, port = await start_server(servicer)
+        client = ExpertClient(f"127.0.0.1:{port}", shared="shm")
+        try:
+            x = torch.randn(4, 32)
+            assert torch.equal(await client.forward(x, [(0, 0, 4)], timeout=10), shard.forward(x, [(0, 0, 4)]))
+
+            async def wedged(*args):
+                await asyncio.Event().wait()
+            servicer._run = wedged
+            wedge.set()
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.forward(x, [(0, 0, 4)], timeout=1.5)
+            return e.value, asyncio.get_running_loop().time() - started, len(probes)
+        finally:
+            await client.close()
+            await server.stop(None)
+            servicer.close()
+    error, seconds, probes = run(go())
+    if alive:
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and 1.4 < seconds < 3 and probes >= 3
+    else:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE and "stopped answering" in error.details()
+        assert seconds < 1.2 and probes == 1
