@@ -17,10 +17,10 @@ our requests whose tokens equal transformers' (up to our EOS, where ours stops).
 
 On GPUs (--gpus N): transformers runs on cuda:0 in --dtype, and Ray declares N GPUs: the router
 takes --router-gpus of one (its engine then runs on cuda), each expert --expert-gpus (default: an
-even share of the rest), all in --dtype; --shared-memory cuda_ipc keeps the rows on the GPUs.
+even share of the rest), all in --dtype; the router's sessions (--shared-memory auto) then keep the rows on the GPUs.
 
     python -m benchmarks.e2e [--concurrency 1,8,32] [--new-tokens 64] [--prompt-len 64]
-                             [--transport grpc|handle] [--shared-memory shm|cuda_ipc] [--micro-batches N]
+                             [--transport grpc|handle] [--shared-memory auto|off|shm|cuda_ipc] [--micro-batches N]
                              [--router-cpus N] [--gpus N --router-gpus F --expert-gpus F --dtype bfloat16]
                              [--name e2e__VARIANT]
 """
@@ -188,7 +188,7 @@ def one_replica_each(cfg: dict, router_cpus: int = 0, router_gpus: float = 0, ex
 
 
 def served_runs(model_dir: Path, prompts, batches, new_tokens, *, transport: str, micro_batches: int,
-                router_cpus: int, timeout: float, shared_memory: str = "", gpus: int = 0, router_gpus: float = 0,
+                router_cpus: int, timeout: float, shared_memory: str = "auto", gpus: int = 0, router_gpus: float = 0,
                 expert_gpus: float = 0, dtype: str = "float32") -> tuple[list[dict], dict]:
     from tests.cluster_fixtures import running_app
 
@@ -197,8 +197,7 @@ def served_runs(model_dir: Path, prompts, batches, new_tokens, *, transport: str
         app_args.update(expert_dtype=dtype, router_dtype=dtype)
     if micro_batches != 1:
         app_args["micro_batches"] = micro_batches
-    if shared_memory:
-        app_args["shared_memory"] = shared_memory
+    app_args["shared_memory"] = shared_memory
     t0 = time.perf_counter()
     edit = lambda cfg: one_replica_each(cfg, router_cpus, router_gpus, expert_gpus)  # noqa: E731
     with running_app(model_dir, num_gpus=gpus, edit=edit, **app_args) as (address, _):
@@ -214,9 +213,9 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--transport", default="grpc", choices=["grpc", "handle"], help="the router's expert dispatcher")
-    p.add_argument("--shared-memory", default="", choices=["", "shm", "cuda_ipc"],
-                   help="shm: rows through /dev/shm sessions and their doorbells instead of bytes over gRPC; "
-                        "cuda_ipc: through GPU memory (router and experts on GPUs)")
+    p.add_argument("--shared-memory", default="auto", choices=["auto", "off", "shm", "cuda_ipc"],
+                   help="the router's same-node sessions (auto: cuda_ipc from a GPU router, else shm: rows "
+                        "through shared buffers and doorbells); off: every tensor as bytes over gRPC")
     p.add_argument("--micro-batches", type=int, default=1, help="router micro-batches per step (2 = ping-pong)")
     p.add_argument("--router-cpus", type=int, default=0, help="CPUs the router replica reserves, and so its "
                                                               "torch threads (default 0: one thread)")
@@ -246,7 +245,8 @@ def main(argv=None):
                                                      getattr(torch, a.dtype))
     ours, our_out = served_runs(model_dir, prompts, batches, a.new_tokens, transport=a.transport,
                                 micro_batches=a.micro_batches, router_cpus=a.router_cpus, timeout=a.timeout,
-                                shared_memory=a.shared_memory, gpus=a.gpus, router_gpus=a.router_gpus or 0,
+                                shared_memory="" if a.shared_memory == "off" else a.shared_memory,
+                                gpus=a.gpus, router_gpus=a.router_gpus or 0,
                                 expert_gpus=a.expert_gpus or 0, dtype=a.dtype)
     rows = []
     for r in ours:

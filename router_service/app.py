@@ -19,8 +19,9 @@ def build_app(args: dict) -> serve.Application:
     the Router deployment's num_gpus gave it a GPU, else cpu; or a torch device), router_dtype
     ("float32"; "bfloat16" on GPUs), directory, max_running, max_queued, expert_timeout_s,
     request_timeout_s, wire_dtype, transport ("grpc" or "handle"),
-    micro_batches (2 = ping-pong overlap of attention and expert calls), shared_memory ("shm": tensors
-    to replicas on the router's node through /dev/shm, "" = bytes over gRPC); security (docs/reliability.md):
+    micro_batches (2 = ping-pong overlap of attention and expert calls), shared_memory (same-node
+    sessions: "auto" = CUDA IPC from a GPU router, /dev/shm from a CPU one; "shm", "cuda_ipc"; "" = every
+    tensor as bytes over gRPC); security (docs/reliability.md):
     auth_token_file, require_tls, expert_tls {ca, cert, key, client_cert, client_key, server_name};
     limits: max_request_bytes, router_wait_s."""
     model = args["model"]
@@ -35,7 +36,7 @@ def build_app(args: dict) -> serve.Application:
                          max_running=args.get("max_running", 64), max_queued=args.get("max_queued", 256),
                          expert_timeout_s=args.get("expert_timeout_s", 30.0), wire_dtype=args.get("wire_dtype"),
                          transport=args.get("transport", "grpc"), micro_batches=args.get("micro_batches", 1),
-                         shared_memory=args.get("shared_memory", ""), expert_tls=expert_tls,
+                         shared_memory=args.get("shared_memory", "auto"), expert_tls=expert_tls,
                          router_device=args.get("router_device", "auto"),
                          router_dtype=args.get("router_dtype", "float32"))
     gateway_args = {k: args[k] for k in ("max_request_bytes", "router_wait_s", "auth_token_file", "require_tls")

@@ -28,13 +28,14 @@ class Router:
     def __init__(self, model_dir: str, shards: dict[str, list], directory: str = DEFAULT_NAME, *,
                  experts: list | None = None, max_running: int = 64, max_queued: int = 256, expert_timeout_s: float = 30.0,
                  wire_dtype: str | None = None, transport: str = "grpc", micro_batches: int = 1,
-                 shared_memory: str = "", expert_tls: dict | None = None, router_device: str = "auto",
+                 shared_memory: str = "auto", expert_tls: dict | None = None, router_device: str = "auto",
                  router_dtype: str = "float32"):
         if router_dtype not in DTYPES:
             raise ValueError(f"router_dtype must be one of {', '.join(DTYPES)}, got {router_dtype!r}")
         # "auto" follows the expert replicas' rule: a GPU when the deployment's num_gpus gave it one.
         device = router_device if router_device != "auto" else (
             "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+        shared_memory = shared_kind(shared_memory, device)
         ckpt = Checkpoint(model_dir)
         self.cfg = ckpt.config
         self.shards = shards
@@ -65,8 +66,8 @@ class Router:
         weights = model.DenseWeights.load(ckpt, dtype=DTYPES[router_dtype], device=device)
         self.engine = Engine(self.cfg, weights, engine_dispatcher,
                              max_running=max_running, max_queued=max_queued, micro_batches=micro_batches)
-        log.info("router on %s (%s, CUDA_VISIBLE_DEVICES=%s)", device, router_dtype,
-                 os.environ.get("CUDA_VISIBLE_DEVICES"))
+        log.info("router on %s (%s, CUDA_VISIBLE_DEVICES=%s), same-node sessions: %s", device, router_dtype,
+                 os.environ.get("CUDA_VISIBLE_DEVICES"), shared_memory or "off")
         self.metrics = RouterMetrics(self.engine)  # Prometheus, flushed once a second off the step path
 
     async def generate(self, prompt: list[int], params: dict, timeout_s: float | None = None):
@@ -95,6 +96,19 @@ class Router:
     async def check_health(self):
         if self.engine._loop_task is not None and self.engine._loop_task.done() and not self.engine._loop_task.cancelled():
             raise RuntimeError(f"engine loop stopped: {self.engine._loop_task.exception()!r}")
+
+
+def shared_kind(shared_memory: str, device: str) -> str:
+    """The router's same-node sessions: "auto" is CUDA IPC from a GPU router, /dev/shm from a CPU one;
+    "" turns them off (every tensor as bytes over gRPC)."""
+    if shared_memory not in ("auto", "shm", "cuda_ipc", ""):
+        raise ValueError(f"shared_memory must be auto, shm, cuda_ipc or empty (off), got {shared_memory!r}")
+    on_gpu = torch.device(device).type == "cuda"
+    if shared_memory == "cuda_ipc" and not on_gpu:
+        raise ValueError("shared_memory: cuda_ipc needs the router on a GPU (num_gpus on its deployment)")
+    if shared_memory == "auto":
+        return "cuda_ipc" if on_gpu else "shm"
+    return shared_memory
 
 
 def _deadline(timeout_s: float | None) -> float | None:

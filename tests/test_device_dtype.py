@@ -104,3 +104,13 @@ def test_cli_local_dtype(tiny_model, tmp_path, capsys):
         capsys.readouterr()
         assert main(args + ["--out", str(tmp_path / "x.npy"), "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_shared_memory_auto_follows_the_router_device_and_bad_values_are_named():
+    from router_service.router import shared_kind
+    assert shared_kind("auto", "cpu") == "shm" and shared_kind("auto", "cuda") == "cuda_ipc"
+    assert shared_kind("", "cuda") == "" and shared_kind("shm", "cuda:1") == "shm"
+    with pytest.raises(ValueError, match="needs the router on a GPU"):
+        shared_kind("cuda_ipc", "cpu")
+    with pytest.raises(ValueError, match="must be auto, shm, cuda_ipc or empty"):
+        shared_kind("nvlink", "cpu")
