@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 
 import grpc
@@ -28,6 +29,7 @@ from moe_core.tokenizer import load_tokenizer
 from router_service import security, validation
 from router_service.engine import Overloaded
 from router_service.grpc_dispatch import ExpertsUnavailable
+from router_service.sampling import SamplingParams
 from router_service.validation import RequestError
 
 log = logging.getLogger("ray.serve")
@@ -104,6 +106,7 @@ def _fail(ctx, e: BaseException):
 # Replica states in which a router replica takes calls.
 LIVE_STATES = ("RUNNING", "PENDING_MIGRATION")
 ROUTER_GRACE_S = 1.0
+MAX_RESUMES = 3  # generations moved to another router replica, per request
 
 
 @serve.deployment(max_ongoing_requests=2048, health_check_period_s=2)
@@ -120,6 +123,7 @@ class Gateway:
         self.require_tls = require_tls
         self.router_replicas: int | None = None  # unknown until the watcher's first look
         self._watcher: asyncio.Task | None = None
+        self.resumed = 0  # generations moved to another router replica after theirs died
         log.info("gateway: bearer tokens %s, TLS %s", "required" if self.tokens else "off",
                  "required" if require_tls else "optional")
 
@@ -189,20 +193,55 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def _generation(self, request):
-        """(prompt ids, the router's token stream). A caller that leaves early (cancelled, past its
-        deadline, disconnected: Serve then cancels this call) or fails also stops the generation
-        behind it; Ray does not pass that on by itself. The engine then drops the sequence and, if
-        it was alone in its step, cancels the step's expert calls."""
+        """(prompt ids, the (token, finish reason) stream)."""
         ids, params = self._parse(request)
-        stream = self.router.options(stream=True).generate.remote(ids, params.__dict__, self.timeout_s)
-        finished = False
+        tokens = self._tokens(ids, params)
         try:
-            await self._taken(stream)
-            yield ids, stream
-            finished = True
+            yield ids, tokens
         finally:
-            if not finished:
+            await tokens.aclose()
+
+    async def _tokens(self, ids: list[int], params: SamplingParams):
+        """The router's tokens for one request. Should the router replica generating them die, the
+        generation resumes on another one (up to MAX_RESUMES times, within the request's time):
+        greedy and seeded requests are replayed from the start, and the tokens already sent are
+        checked and skipped (the engine's tokens do not depend on batching); others continue from
+        the prompt plus the tokens sent. A caller that leaves early (cancelled, past its deadline,
+        disconnected: Serve then cancels this call) or fails also stops the generation behind it;
+        Ray does not pass that on by itself. The engine then drops the sequence and, if it was
+        alone in its step, cancels the step's expert calls."""
+        loop = asyncio.get_running_loop()
+        deadline, sent, resumes = loop.time() + self.timeout_s, [], 0
+        replay = params.temperature == 0 or params.seed is not None
+        while True:
+            prompt, p = ids, params
+            if sent and not replay:
+                prompt, p = ids + sent, dataclasses.replace(params, max_new_tokens=params.max_new_tokens - len(sent))
+            skip = list(sent) if replay else []
+            stream = self.router.options(stream=True).generate.remote(prompt, p.__dict__, deadline - loop.time())
+            try:
+                await self._taken(stream)
+                async for token, reason in stream:
+                    if skip:
+                        if token != skip.pop(0):
+                            raise RouterUnavailable("router unavailable (a resumed generation diverged), retry")
+                        continue
+                    sent.append(token)
+                    yield token, reason
+                if skip:
+                    raise RouterUnavailable("router unavailable (a resumed generation ended early), retry")
+                return
+            except Exception as e:
                 stream.cancel()
+                if not isinstance(_cause(e), (RayActorError, ActorUnavailableError)) or resumes == MAX_RESUMES \
+                        or loop.time() >= deadline:
+                    raise
+                resumes += 1
+                self.resumed += 1
+                log.warning("router replica lost mid-generation (%r); resuming after %d tokens", e, len(sent))
+            except BaseException:
+                stream.cancel()
+                raise
 
     async def _unary(self, response, wait_s: float | None = None):
         try:
@@ -210,6 +249,10 @@ class Gateway:
         except asyncio.CancelledError:
             response.cancel()
             raise
+
+    def counters(self) -> dict:
+        """For operators and tests, through a Serve handle."""
+        return {"resumed": self.resumed}
 
     async def Generate(self, request, grpc_context):
         try:

@@ -447,3 +447,28 @@ def test_router_death_fails_fast_until_serve_restarts_it(cluster):
     assert all(code == UNAVAILABLE for code, _, _ in seen[:-1]), seen[:3]
     assert max(s for _, s, _ in seen[:-1]) < 10, [s for _, s, _ in seen]  # each call allowed 30 s
     assert list(seen[-1][2].token_ids) == want
+
+
+@pytest.mark.cluster
+def test_generations_resume_on_another_router_replica(cluster):
+    """Two router replicas, and one dies while eight streams are under way: every stream still
+    ends with the tokens it would have had alone (greedy ones and a seeded one), because the
+    gateway moved the dead replica's generations to the other."""
+    cfg = cluster["cfg"]
+    for d in cfg["applications"][0]["deployments"]:
+        if d["name"] == "Router":
+            d["num_replicas"] = 2
+    deploy(cfg, wait_s=300)
+    wait_until(lambda: serve.status().applications["moe"].deployments["Router"].replica_states.get("RUNNING") == 2,
+               180, "two running router replicas")
+    stub, engine = cluster["stub"], cluster["engine"]
+    params = [SamplingParams(max_new_tokens=120)] * 7 + [SamplingParams(max_new_tokens=120, temperature=0.8, seed=5)]
+    prompts = [[30 + i, 31 + i, 32 + i] for i in range(8)]
+    want = [run(engine.complete(p, sp))[0] for p, sp in zip(prompts, params)]
+    streams = [stub.Generate(client.request(p, None, sp), timeout=180) for p, sp in zip(prompts, params)]
+    firsts = [next(s) for s in streams]  # every generation under way
+    kill_replica(replica_actors("Router")[0])
+    got = [list(f.token_ids) + [t for c in s for t in c.token_ids] for f, s in zip(firsts, streams)]
+    assert got == want
+    gateway = serve.get_deployment_handle("Gateway", app_name="moe")
+    assert gateway.counters.remote().result(timeout_s=30)["resumed"] >= 1
