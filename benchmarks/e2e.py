@@ -17,7 +17,8 @@ our requests whose tokens equal transformers' (up to our EOS, where ours stops).
 
 On GPUs (--gpus N): transformers runs on cuda:0 in --dtype, and Ray declares N GPUs: the router
 takes --router-gpus of one (its engine then runs on cuda), each expert --expert-gpus (default: an
-even share of the rest), all in --dtype; the router's sessions (--shared-memory auto) then keep the rows on the GPUs.
+even share of the rest), all in --dtype; the router's sessions (--shared-memory auto) then keep
+the rows on the GPUs.
 
     python -m benchmarks.e2e [--concurrency 1,8,32] [--new-tokens 64] [--prompt-len 64]
                              [--transport grpc|handle] [--shared-memory auto|off|shm|cuda_ipc] [--micro-batches N]
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import time
 from pathlib import Path
@@ -192,14 +194,14 @@ def served_runs(model_dir: Path, prompts, batches, new_tokens, *, transport: str
                 expert_gpus: float = 0, dtype: str = "float32") -> tuple[list[dict], dict]:
     from tests.cluster_fixtures import running_app
 
-    app_args = {"transport": transport}
+    app_args = {"transport": transport, "shared_memory": shared_memory}
     if dtype != "float32":
         app_args.update(expert_dtype=dtype, router_dtype=dtype)
     if micro_batches != 1:
         app_args["micro_batches"] = micro_batches
-    app_args["shared_memory"] = shared_memory
     t0 = time.perf_counter()
-    edit = lambda cfg: one_replica_each(cfg, router_cpus, router_gpus, expert_gpus)  # noqa: E731
+    edit = functools.partial(one_replica_each, router_cpus=router_cpus, router_gpus=router_gpus,
+                             expert_gpus=expert_gpus)
     with running_app(model_dir, num_gpus=gpus, edit=edit, **app_args) as (address, _):
         print(f"app up at {address} in {time.perf_counter() - t0:.0f} s", flush=True)
         return asyncio.run(_served(address, prompts, batches, new_tokens, timeout))

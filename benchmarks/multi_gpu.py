@@ -1,4 +1,5 @@
-"""Question: does an MoE layer get faster, and carry more tokens, when its experts spread over several GPUs; and what does a hot expert's second replica on a free GPU buy?
+"""Question: does an MoE layer get faster, and carry more tokens, when its experts spread over
+several GPUs; and what does a hot expert's second replica on a free GPU buy?
 
 One Mixtral-8x7B layer (bf16, random weights). This process is the router: the gate, the grouped
 dispatch and the weighted combine run on GPU 0. Each expert is a `python -m expert_service`

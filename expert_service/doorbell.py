@@ -194,7 +194,7 @@ class Doorbell:
                 done, _ = await asyncio.wait({read}, timeout=min(left, self.probe_after_s))
                 if done:
                     return read.result()
-                if self.probe is not None and deadline - loop.time() > 0:
+                if self.probe is not None and left > self.probe_after_s:
                     await self.probe()
         finally:
             if not read.done():

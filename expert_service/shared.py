@@ -48,8 +48,8 @@ class Buffers:
     ready: torch.cuda.Event | None = None   # cuda_ipc: input rows written
     done: torch.cuda.Event | None = None    # cuda_ipc: output rows written
     events: tuple[bytes, bytes] = (b"", b"")  # their IPC handles
-    device_uuid: str = ""                   # cuda_ipc: the GPU holding the buffers
-    peer: bool = False                      # server side: that GPU is not the replica's own
+    device_uuid: str = ""                   # cuda_ipc, client side: the GPU holding the buffers
+    peer: bool = False                      # server side: they lie on another GPU than the replica's
 
     @property
     def capacity(self) -> int:
@@ -120,7 +120,7 @@ def open_remote(kind: str, capacity: int, hidden: int, dtype_tag: str, names=(""
             raise
         except Exception as e:  # a handle from another host or a freed buffer
             raise SharedError(f"cannot open CUDA IPC handle: {e}") from None
-        return Buffers(kind, x, y, ready=ready, done=done, device_uuid=device_uuid, peer=peer)
+        return Buffers(kind, x, y, ready=ready, done=done, peer=peer)
     raise SharedError(f"unknown shared-buffer kind {kind!r}; use 'shm' or 'cuda_ipc'")
 
 
