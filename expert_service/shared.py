@@ -28,7 +28,7 @@ import torch
 from moe_core.codec import DTYPES
 
 SHM_DIR = "/dev/shm"
-_NAME = re.compile(r"^moe-[0-9a-f]{32}$")  # what a client may name; anything else is refused
+_NAME = re.compile(r"^moe-([0-9]+)-[0-9a-f]{32}$")  # moe-<creator pid>-<random>: nothing else is mapped
 MAX_BUFFER_BYTES = 1 << 31
 CUDA_IPC_HANDLE_BYTES = 64  # cudaIpcEventHandle_t
 
@@ -57,7 +57,8 @@ class Buffers:
 
     def unlink(self) -> None:
         """Removes the shm files; both processes' mappings stay valid. The client calls this as soon
-        as the replica has mapped them (or refused to), so no file outlives a crashed process."""
+        as the replica has mapped them (or refused to), so a process that crashes later leaves none
+        behind; `sweep` removes those of one killed before that."""
         for n in self.names if self.kind == "shm" else ():
             try:
                 os.unlink(os.path.join(SHM_DIR, n))
@@ -68,7 +69,8 @@ class Buffers:
 def create(kind: str, capacity: int, hidden: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> Buffers:
     """The client side: allocate a pair of buffers that a replica on this node can map."""
     if kind == "shm":
-        names = tuple(f"moe-{uuid.uuid4().hex}" for _ in range(2))
+        sweep()
+        names = tuple(f"moe-{os.getpid()}-{uuid.uuid4().hex}" for _ in range(2))
         x, y = (_map(n, capacity * hidden, dtype).view(capacity, hidden) for n in names)
         return Buffers(kind, x, y, names=names)
     if kind == "cuda_ipc":
@@ -80,6 +82,29 @@ def create(kind: str, capacity: int, hidden: int, dtype: torch.dtype, device: st
         return Buffers(kind, x, y, handles=(_cuda_handle(x), _cuda_handle(y)), ready=ready, done=done, events=events,
                        device_uuid=gpu_uuid(x.device))
     raise SharedError(f"unknown shared-buffer kind {kind!r}; use 'shm' or 'cuda_ipc'")
+
+
+def sweep() -> None:
+    """Unlinks the shm files of processes that are gone. A client unlinks its files once the replica
+    has mapped them, but one killed during its Attach leaves them; the next client on the node (its
+    replacement, say) removes them. Mappings that still use them stay valid."""
+    for n in os.listdir(SHM_DIR):
+        m = _NAME.match(n)
+        if m and not _alive(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(SHM_DIR, n))
+            except FileNotFoundError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def gpu_uuid(device: torch.device) -> str:

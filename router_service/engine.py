@@ -228,6 +228,7 @@ class Engine:
         ends = list(itertools.accumulate(seg.length for seg in segments))
         # One lm_head GEMM over every sequence's last position, one copy to the CPU: [B, V]
         logits_BV = self._to_cpu(model.logits(self.weights, h_TH[[end - 1 for end in ends]]))
+        greedy_B = logits_BV.argmax(-1).tolist()  # one argmax for every greedy sequence of the step
         for b, (s, seg, end) in enumerate(zip(group, segments, ends)):
             if s.done:
                 continue
@@ -236,7 +237,7 @@ class Engine:
                 self._finish(s)
                 continue
             try:
-                tok = sample(logits_BV[b], s.params, s.generator)
+                tok = greedy_B[b] if s.params.temperature == 0 else sample(logits_BV[b], s.params, s.generator)
             except Exception as e:  # one sequence's sampling fault must not fail its neighbours
                 s.done = True
                 s.out.put_nowait(e)

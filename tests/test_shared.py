@@ -53,8 +53,8 @@ def test_shm_forward_equals_bytes_and_cleans_up():
 
 
 @pytest.mark.parametrize("names,msg", [
-    (["../../etc/passwd", "moe-" + "0" * 32], "not one this service created"),
-    (["moe-" + "a" * 32, "moe-" + "b" * 32], "missing"),
+    (["../../etc/passwd", "moe-1-" + "0" * 32], "not one this service created"),
+    (["moe-1-" + "a" * 32, "moe-1-" + "b" * 32], "missing"),
 ])
 def test_attach_refuses_bad_segments(names, msg):
     async def go():
@@ -272,3 +272,22 @@ def test_a_silent_doorbell_call_probes_the_replica(alive, monkeypatch):
     else:
         assert error.code() == grpc.StatusCode.UNAVAILABLE and "stopped answering" in error.details()
         assert seconds < 1.2 and probes == 1
+
+
+def test_sweep_unlinks_only_the_files_of_processes_that_are_gone():
+    import subprocess
+    import sys
+    import uuid
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    names = {"dead": f"moe-{int(gone.stdout)}-{uuid.uuid4().hex}", "ours": f"moe-{os.getpid()}-{uuid.uuid4().hex}",
+             "other": f"moe-x-{uuid.uuid4().hex}"}
+    for n in names.values():
+        open(os.path.join(shared.SHM_DIR, n), "wb").close()
+    try:
+        shared.sweep()
+        left = set(os.listdir(shared.SHM_DIR))
+        assert names["dead"] not in left and {names["ours"], names["other"]} <= left
+    finally:
+        for n in names.values():
+            if os.path.exists(os.path.join(shared.SHM_DIR, n)):
+                os.unlink(os.path.join(shared.SHM_DIR, n))
