@@ -175,18 +175,16 @@ def one_replica_each(cfg: dict, router_cpus: int = 0, router_gpus: float = 0, ex
     """Every expert at one replica, autoscaling off: replicas started mid-run would share the same
     cores (and take them while loading), so the run would measure start-ups, not the data path.
     router_cpus: CPUs the router reserves (Ray then gives its torch as many threads; 0: one);
-    router_gpus, expert_gpus: the GPU share each takes (0: CPU)."""
+    router_gpus, expert_gpus: the GPU share each takes (0: as serve.yaml says, CPU)."""
+    from router_service.launcher import place_on_gpus
+
     for d in cfg["applications"][0]["deployments"]:
-        actor = d.setdefault("ray_actor_options", {})
         if d["name"].startswith("expert-"):
             d.pop("autoscaling_config", None)
             d["num_replicas"] = 1
-            actor["num_gpus"] = expert_gpus
-        if d["name"] == "Router":
-            actor["num_gpus"] = router_gpus
-            if router_cpus:
-                actor["num_cpus"] = router_cpus
-    return cfg
+        if d["name"] == "Router" and router_cpus:
+            d.setdefault("ray_actor_options", {})["num_cpus"] = router_cpus
+    return place_on_gpus(cfg, router_gpus=router_gpus, expert_gpus=expert_gpus)
 
 
 def served_runs(model_dir: Path, prompts, batches, new_tokens, *, transport: str, micro_batches: int,

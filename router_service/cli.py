@@ -97,7 +97,7 @@ def cmd_score(a):
 def cmd_up(a):
     from router_service.launcher import up
     print(json.dumps(up(model=a.model, port=a.port, config=a.config, num_cpus=a.num_cpus, num_gpus=a.num_gpus,
-                        wait_s=a.wait)))
+                        wait_s=a.wait, router_gpus=a.router_gpus, expert_gpus=a.expert_gpus, dtype=a.dtype)))
 
 
 def cmd_down(a):
@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="Serve config YAML (default: cluster/serve.yaml)")
     s.add_argument("--num-cpus", type=int, help="logical CPUs of the local cluster")
     s.add_argument("--num-gpus", type=int, help="GPUs the local cluster declares")
+    s.add_argument("--router-gpus", type=float, default=0, help="the router's GPU share (1: a GPU of its own; "
+                                                                  "default: as the config says, CPU in serve.yaml)")
+    s.add_argument("--expert-gpus", type=float, default=0, help="each expert replica's GPU share (0.125: eight to "
+                                                                  "a GPU; 1: a GPU each)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="router and expert dtype "
+                                                                                  "(bfloat16 on GPUs)")
     s.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the health check")
     s.set_defaults(fn=cmd_up)
 

@@ -46,6 +46,20 @@ def load_config(path: str | Path | None = None, *, model: str | None = None, por
     return cfg
 
 
+def place_on_gpus(cfg: dict, *, router_gpus: float = 0, expert_gpus: float = 0, dtype: str | None = None) -> dict:
+    """GPU shares in the config: `router_gpus` of a GPU for the router (its engine then runs there),
+    `expert_gpus` for each expert replica (0.125: eight to a GPU; 1: a GPU each), and the dtype of
+    both (bfloat16 on GPUs). A share of 0 leaves that deployment as the config has it."""
+    app = cfg["applications"][0]
+    for d in app.get("deployments", []):
+        share = router_gpus if d["name"] == "Router" else expert_gpus if d["name"].startswith("expert-") else 0
+        if share:
+            d["ray_actor_options"] = dict(d.get("ray_actor_options") or {}, num_gpus=share)
+    if dtype:
+        app["args"] |= {"expert_dtype": dtype, "router_dtype": dtype}
+    return cfg
+
+
 def deploy(cfg: dict, *, wait_s: float = 300.0) -> str:
     """Deploys into the Ray cluster this process is connected to; returns the gateway address."""
     serve.start(http_options=cfg.get("http_options"), grpc_options=cfg["grpc_options"],
@@ -70,8 +84,10 @@ def wait_healthy(address: str, wait_s: float) -> None:
 
 
 def up(*, model: str | None, port: int = 9000, config: str | None = None, num_cpus: int | None = None,
-       num_gpus: int | None = None, wait_s: float = 300.0) -> dict:
-    cfg = load_config(config, model=model, port=port)
+       num_gpus: int | None = None, wait_s: float = 300.0, router_gpus: float = 0, expert_gpus: float = 0,
+       dtype: str | None = None) -> dict:
+    cfg = place_on_gpus(load_config(config, model=model, port=port), router_gpus=router_gpus,
+                        expert_gpus=expert_gpus, dtype=dtype)
     started = False
     if not os.environ.get("RAY_ADDRESS") and not _local_cluster_running():
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--disable-usage-stats",

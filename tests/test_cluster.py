@@ -25,7 +25,7 @@ pytestmark = pytest.mark.cluster
 def app(tiny_model):
     """Eight logical GPUs, one per expert replica: placement is checked on a CPU machine. The router
     and the replicas share this node, so the rows go through /dev/shm sessions and their doorbells
-    (the other cluster modules cover bytes over gRPC)."""
+    (as by default; test_faults runs its cluster on bytes over gRPC)."""
     def gpu_per_expert(cfg):
         for d in cfg["applications"][0]["deployments"]:
             if d["name"].startswith("expert-"):

@@ -224,7 +224,8 @@ def test_a_stopped_replica_behind_a_doorbell_is_skipped_within_seconds(tiny_mode
 
 # -- on a cluster ----------------------------------------------------------------------------------
 
-APP_ARGS = dict(max_running=4, max_queued=4)
+# Bytes over gRPC (sessions off): the other cluster modules run the default same-node sessions.
+APP_ARGS = dict(max_running=4, max_queued=4, shared_memory="")
 
 
 @pytest.fixture(scope="module")

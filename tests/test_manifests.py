@@ -153,3 +153,15 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--write"]:
         write_serve_config_v2()
         print(f"copied {SERVE} into {RAYSERVICE}")
+
+
+def test_gpu_placement_of_the_serve_config():
+    from router_service.launcher import place_on_gpus
+    cfg = place_on_gpus(yaml.safe_load(SERVE.read_text()), router_gpus=1, expert_gpus=0.125, dtype="bfloat16")
+    ServeDeploySchema.model_validate(cfg)
+    app = cfg["applications"][0]
+    gpus = {d["name"]: (d.get("ray_actor_options") or {}).get("num_gpus", 0) for d in app["deployments"]}
+    assert gpus == {"Gateway": 0, "Router": 1, **{f"expert-{e}": 0.125 for e in range(8)}}
+    assert app["args"]["expert_dtype"] == app["args"]["router_dtype"] == "bfloat16"
+    untouched = yaml.safe_load(SERVE.read_text())
+    assert place_on_gpus(yaml.safe_load(SERVE.read_text())) == untouched
