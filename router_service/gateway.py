@@ -211,7 +211,7 @@ class Gateway:
         Ray does not pass that on by itself. The engine then drops the sequence and, if it was
         alone in its step, cancels the step's expert calls."""
         loop = asyncio.get_running_loop()
-        deadline, sent, resumes = loop.time() + self.timeout_s, [], 0
+        deadline, sent, resumes, finished = loop.time() + self.timeout_s, [], 0, False
         replay = params.temperature == 0 or params.seed is not None
         while True:
             prompt, p = ids, params
@@ -227,12 +227,15 @@ class Gateway:
                             raise RouterUnavailable("router unavailable (a resumed generation diverged), retry")
                         continue
                     sent.append(token)
+                    finished = reason is not None
                     yield token, reason
                 if skip:
                     raise RouterUnavailable("router unavailable (a resumed generation ended early), retry")
                 return
             except Exception as e:
                 stream.cancel()
+                if finished:  # the caller has every token: nothing to resume
+                    return
                 if not isinstance(_cause(e), (RayActorError, ActorUnavailableError)) or resumes == MAX_RESUMES \
                         or loop.time() >= deadline:
                     raise
