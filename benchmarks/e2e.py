@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import gc
 import time
 from pathlib import Path
@@ -171,35 +170,33 @@ async def _served(address: str, prompts, batches, new_tokens, timeout) -> tuple[
     return rows, outputs
 
 
-def one_replica_each(cfg: dict, router_cpus: int = 0, router_gpus: float = 0, expert_gpus: float = 0) -> dict:
+def one_replica_each(cfg: dict, router_cpus: int = 0) -> dict:
     """Every expert at one replica, autoscaling off: replicas started mid-run would share the same
     cores (and take them while loading), so the run would measure start-ups, not the data path.
-    router_cpus: CPUs the router reserves (Ray then gives its torch as many threads; 0: one);
-    router_gpus, expert_gpus: the GPU share each takes (0: as serve.yaml says, CPU)."""
-    from router_service.launcher import place_on_gpus
-
+    router_cpus: CPUs the router reserves (Ray then gives its torch as many threads; 0: one)."""
     for d in cfg["applications"][0]["deployments"]:
         if d["name"].startswith("expert-"):
             d.pop("autoscaling_config", None)
             d["num_replicas"] = 1
         if d["name"] == "Router" and router_cpus:
             d.setdefault("ray_actor_options", {})["num_cpus"] = router_cpus
-    return place_on_gpus(cfg, router_gpus=router_gpus, expert_gpus=expert_gpus)
+    return cfg
 
 
 def served_runs(model_dir: Path, prompts, batches, new_tokens, *, transport: str, micro_batches: int,
                 router_cpus: int, timeout: float, shared_memory: str = "auto", gpus: int = 0, router_gpus: float = 0,
                 expert_gpus: float = 0, dtype: str = "float32") -> tuple[list[dict], dict]:
+    from router_service.launcher import place_on_gpus
     from tests.cluster_fixtures import running_app
 
     app_args = {"transport": transport, "shared_memory": shared_memory}
-    if dtype != "float32":
-        app_args.update(expert_dtype=dtype, router_dtype=dtype)
     if micro_batches != 1:
         app_args["micro_batches"] = micro_batches
     t0 = time.perf_counter()
-    edit = functools.partial(one_replica_each, router_cpus=router_cpus, router_gpus=router_gpus,
-                             expert_gpus=expert_gpus)
+
+    def edit(cfg):  # router_gpus, expert_gpus 0: as serve.yaml says (CPU)
+        return place_on_gpus(one_replica_each(cfg, router_cpus), router_gpus=router_gpus, expert_gpus=expert_gpus,
+                             dtype=dtype)
     with running_app(model_dir, num_gpus=gpus, edit=edit, **app_args) as (address, _):
         print(f"app up at {address} in {time.perf_counter() - t0:.0f} s", flush=True)
         return asyncio.run(_served(address, prompts, batches, new_tokens, timeout))

@@ -45,16 +45,18 @@ class ExpertClient:
         self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
         self.max_elements = dict(options).get("grpc.max_receive_message_length", MAX_MESSAGE_BYTES) // 2
 
-    async def forward(self, x_TH: torch.Tensor, segments, *, timeout: float,
-                      wire_dtype: str | None = None) -> torch.Tensor:
-        """Rows of x_TH by (layer, expert, rows) segments -> [T, H] unweighted expert outputs.
+    async def forward(self, x_TH: torch.Tensor, segments, *, timeout: float, wire_dtype: str | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of x_TH by (layer, expert, rows) segments -> [T, H] unweighted expert outputs, on
+        x_TH's device in its dtype, written into `out` when given (the dispatcher's slice of the
+        layer's output: no copy of its own).
 
         `wire_dtype` (e.g. "bfloat16") halves the bytes of a float32 x_TH; the reply comes back
         in that dtype and is cast to x_TH's. Raises grpc.aio.AioRpcError on a failed call.
         """
         if self.shared:
             try:
-                return await self._forward_shared(x_TH, segments, timeout)
+                return await self._forward_shared(x_TH, segments, timeout, out)
             except shared_buffers.SharedError:
                 self.shared = None  # not on this node after all
         request = expert_pb2.ForwardRequest(
@@ -65,9 +67,18 @@ class ExpertClient:
                       expect_rank=2, expect_last_dim=x_TH.shape[-1], name="output")
         if y_TH.shape[0] != x_TH.shape[0]:
             raise WireError(f"{self.address} returned {y_TH.shape[0]} rows for {x_TH.shape[0]}")
-        return self.staging.to_device(y_TH, x_TH.device, x_TH.dtype)
+        return self._deliver(y_TH, x_TH, out, copy=False)  # decoded into a tensor of its own
 
-    async def _forward_shared(self, x_TH, segments, timeout):
+    def _deliver(self, y_TH: torch.Tensor, x_TH: torch.Tensor, out: torch.Tensor | None, copy: bool) -> torch.Tensor:
+        """y_TH on x_TH's device in its dtype: written into `out` when given, else a tensor (a copy
+        when `copy`, as for a shared buffer that the next call reuses)."""
+        if x_TH.is_cuda and not y_TH.is_cuda:  # through pinned host memory
+            y_TH = self.staging.to_device(y_TH, x_TH.device, x_TH.dtype)
+        elif out is None:
+            return y_TH.to(x_TH.device, x_TH.dtype, copy=copy)
+        return y_TH if out is None else out.copy_(y_TH)
+
+    async def _forward_shared(self, x_TH, segments, timeout, out):
         session = await self._acquire(x_TH, timeout)
         b, n = session.buffers, x_TH.shape[0]
         reusable = False
@@ -83,9 +94,7 @@ class ExpertClient:
                     segments=[expert_pb2.Segment(layer=L, expert=E, rows=r) for L, E, r in segments]), timeout=timeout)
             if b.done is not None:  # the copy below runs on this stream once the replica's output is written
                 torch.cuda.current_stream(b.y.device).wait_event(b.done)
-            y = b.y[:n]
-            y = (self.staging.to_device(y, x_TH.device, x_TH.dtype) if x_TH.is_cuda and not y.is_cuda
-                 else y.to(x_TH.device, x_TH.dtype, copy=True))
+            y = self._deliver(b.y[:n], x_TH, out, copy=True)  # before the session is free again
             reusable = True
             return y
         except grpc.aio.AioRpcError as e:  # a status the replica answered with leaves the session usable

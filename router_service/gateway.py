@@ -191,16 +191,6 @@ class Gateway:
             raise
         return response
 
-    @contextlib.asynccontextmanager
-    async def _generation(self, request):
-        """(prompt ids, the (token, finish reason) stream)."""
-        ids, params = self._parse(request)
-        tokens = self._tokens(ids, params)
-        try:
-            yield ids, tokens
-        finally:
-            await tokens.aclose()
-
     async def _tokens(self, ids: list[int], params: SamplingParams):
         """The router's tokens for one request. Should the router replica generating them die, the
         generation resumes on another one (up to MAX_RESUMES times, within the request's time):
@@ -260,7 +250,7 @@ class Gateway:
     async def Generate(self, request, grpc_context):
         try:
             request = self._admit(request, gateway_pb2.GenerateRequest, grpc_context)
-            async with self._generation(request) as (_, stream):
+            async with contextlib.aclosing(self._tokens(*self._parse(request))) as stream:
                 async for token, reason in stream:
                     yield gateway_pb2.GenerateChunk(token_ids=[token], text=self._text([token]),
                                                     finish_reason=reason or "")
@@ -271,7 +261,8 @@ class Gateway:
         try:
             request = self._admit(request, gateway_pb2.GenerateRequest, grpc_context)
             tokens, reason = [], ""
-            async with self._generation(request) as (ids, stream):
+            ids, params = self._parse(request)
+            async with contextlib.aclosing(self._tokens(ids, params)) as stream:
                 async for token, reason in stream:
                     tokens.append(token)
             return gateway_pb2.GenerateReply(token_ids=tokens, text=self._text(tokens), finish_reason=reason,

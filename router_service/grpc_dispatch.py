@@ -124,28 +124,34 @@ class GrpcDispatcher:
     async def run_experts(self, layer: int, x_NH: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
         if time.monotonic() - self._refreshed >= self.refresh_s:
             await self.refresh()
-        plan = split_by_shard(layer, counts_E, self.shard_of)
-        if len(plan) == 1 and plan[0][1] == [(0, x_NH.shape[0])]:  # one shard has every row: one call, no copies
-            return await self._call(plan[0][0], x_NH, plan[0][2])
         y_NH = torch.empty_like(x_NH)
-        outs = await asyncio.gather(*(self._call(shard, gather_rows(x_NH, ranges), segs)
-                                      for shard, ranges, segs in plan))
-        for (_, ranges, _), out in zip(plan, outs):
-            scatter_rows(y_NH, ranges, out)
+        await asyncio.gather(*(self._shard_call(shard, x_NH, y_NH, ranges, segs)
+                               for shard, ranges, segs in split_by_shard(layer, counts_E, self.shard_of)))
         return y_NH
 
-    async def _call(self, shard: str, x_nH: torch.Tensor, segments) -> torch.Tensor:
+    async def _shard_call(self, shard: str, x_NH: torch.Tensor, y_NH: torch.Tensor, ranges, segments) -> None:
+        """A shard's rows: one slice of x_NH (each expert its own shard, or adjacent ones) goes as it
+        is, and its output lands straight in y_NH's slice; scattered rows are gathered and scattered."""
+        if len(ranges) == 1:
+            a, b = ranges[0]
+            await self._call(shard, x_NH[a:b], segments, y_NH[a:b])
+            return
+        x_nH = gather_rows(x_NH, ranges)
+        await self._call(shard, x_nH, segments, out := torch.empty_like(x_nH))
+        scatter_rows(y_NH, ranges, out)
+
+    async def _call(self, shard: str, x_nH: torch.Tensor, segments, out_nH: torch.Tensor) -> None:
         """A shard with several live replicas gets its rows split among them (data parallel), so a
         hot expert's extra replicas shorten the layer step, not only absorb other routers' calls."""
         now = time.monotonic()
         k = min(sum(r.dead_until <= now for r in self.replicas.get(shard, [])), x_nH.shape[0] // self.split_min_rows)
         if k < 2:
-            return await self._call_one(shard, x_nH, segments)
-        parts = split_segments(segments, k)
-        outs = await asyncio.gather(*(self._call_one(shard, x_nH[a:b], segs) for a, b, segs in parts))
-        return torch.cat(outs)
+            await self._call_one(shard, x_nH, segments, out_nH)
+            return
+        await asyncio.gather(*(self._call_one(shard, x_nH[a:b], segs, out_nH[a:b])
+                               for a, b, segs in split_segments(segments, k)))
 
-    async def _call_one(self, shard: str, x_nH: torch.Tensor, segments) -> torch.Tensor:
+    async def _call_one(self, shard: str, x_nH: torch.Tensor, segments, out_nH: torch.Tensor) -> None:
         deadline = STEP_DEADLINE.get() or time.monotonic() + self.call_timeout_s
         last_error = None
         while True:
@@ -162,13 +168,13 @@ class GrpcDispatcher:
             self.calls += 1
             try:
                 started = time.perf_counter()
-                y_nH = await replica.client.forward(x_nH, segments, timeout=min(remaining, self.call_timeout_s),
-                                                    wire_dtype=self.wire_dtype)
+                await replica.client.forward(x_nH, segments, timeout=min(remaining, self.call_timeout_s),
+                                             wire_dtype=self.wire_dtype, out=out_nH)
                 self.latencies.append((shard, time.perf_counter() - started))
                 nbytes = x_nH.numel() * (DTYPES[self.wire_dtype].itemsize if self.wire_dtype else x_nH.element_size())
                 self.bytes_out += nbytes
                 self.bytes_in += nbytes  # the reply has the request's shape and wire dtype
-                return y_nH
+                return
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise TimeoutError(f"expert shard {shard} did not answer within the deadline") from None

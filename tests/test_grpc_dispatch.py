@@ -1,4 +1,5 @@
 """The gRPC dispatcher against real expert servers on loopback (no Ray)."""
+import pytest
 import torch
 
 from expert_service.experts import ExpertShard
@@ -52,3 +53,35 @@ def test_hot_shard_rows_split_across_its_replicas_same_numbers():
     got, want, hot_rows = run(go())
     torch.testing.assert_close(got, want)
     assert len(hot_rows) == 3 and all(r > 0 for r in hot_rows)  # every replica of the hot expert worked
+
+
+@pytest.mark.parametrize("shared", [None, "shm"])
+def test_shards_with_scattered_rows_and_one_slice_each_equal_in_process(shared):
+    """Experts 0 and 2 in one shard, 1 and 3 in another (their rows are two slices of the layer's,
+    gathered and scattered), and 4 alone (one slice, written straight into the layer's output)."""
+    g = torch.Generator().manual_seed(1)
+    H, I, E = 16, 24, 5
+    weights = {(0, e): tuple(torch.randn(*s, generator=g) / 4 for s in ((I, H), (H, I), (I, H))) for e in range(E)}
+    shards = {"even": [0, 2], "odd": [1, 3], "four": [4]}
+
+    async def go():
+        servers, table = [], {}
+        for name, experts in shards.items():
+            server, port = await start_server(ExpertShard({(0, e): weights[(0, e)] for e in experts}))
+            servers.append(server)
+            table[name] = [f"127.0.0.1:{port}"]
+
+        async def lookup():
+            return table
+        disp = GrpcDispatcher({(0, e): n for n, es in shards.items() for e in es}, lookup, shared=shared)
+        x = torch.randn(40, H, generator=g)
+        gate = torch.randn(E, H, generator=g)
+        got = [await model.moe(0, x, gate, 2, disp) for _ in range(2)]  # the second reuses the sessions
+        want = await model.moe(0, x, gate, 2, InProcessDispatcher(ExpertShard(weights)))
+        await disp.close()
+        for server in servers:
+            await server.stop(None)
+        return got, want
+    got, want = run(go())
+    for y in got:
+        torch.testing.assert_close(y, want)
