@@ -314,4 +314,5 @@ def stats_reply(s: dict) -> gateway_pb2.StatsReply:
             name=name, serves=[{"layer": L, "expert": E} for L, E in pairs],
             replicas=s["replicas"].get(name, 0)) for name, pairs in s["shards"].items()],
         top_k=s["top_k"], tokens_processed=s["tokens"], requests_finished=s["finished"],
-        requests_running=s["running"], requests_queued=s["queued"])
+        requests_running=s["running"], requests_queued=s["queued"], model=s.get("model", ""),
+        deploy_id=s.get("deploy_id", ""))

@@ -88,7 +88,7 @@ class DeploymentStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., serves: _Optional[_Iterable[_Union[_common_pb2.ExpertKey, _Mapping]]] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("layers", "deployments", "top_k", "tokens_processed", "requests_finished", "requests_running", "requests_queued")
+    __slots__ = ("layers", "deployments", "top_k", "tokens_processed", "requests_finished", "requests_running", "requests_queued", "model", "deploy_id")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,8 @@ class StatsReply(_message.Message):
     REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEPLOY_ID_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[LayerStats]
     deployments: _containers.RepeatedCompositeFieldContainer[DeploymentStats]
     top_k: int
@@ -103,4 +105,6 @@ class StatsReply(_message.Message):
     requests_finished: int
     requests_running: int
     requests_queued: int
-    def __init__(self, layers: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ..., deployments: _Optional[_Iterable[_Union[DeploymentStats, _Mapping]]] = ..., top_k: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_running: _Optional[int] = ..., requests_queued: _Optional[int] = ...) -> None: ...
+    model: str
+    deploy_id: str
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ..., deployments: _Optional[_Iterable[_Union[DeploymentStats, _Mapping]]] = ..., top_k: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_running: _Optional[int] = ..., requests_queued: _Optional[int] = ..., model: _Optional[str] = ..., deploy_id: _Optional[str] = ...) -> None: ...
