@@ -2,7 +2,9 @@
 
 Replica choice is fewest outstanding calls. A call that fails because its replica is gone
 (UNAVAILABLE) is retried on another replica of the same shard within the step's deadline, and the
-dead address is reported so the directory forgets it.
+dead address is reported so the directory forgets it. A shard with no live replica left (its only
+one restarting) holds the call until one registers again, up to `wait_s` and the deadline: every
+token of the step needs that expert, so waiting loses nothing that failing would keep.
 """
 from __future__ import annotations
 
@@ -71,13 +73,14 @@ class GrpcDispatcher:
                  call_timeout_s: float = 30.0, refresh_s: float = 1.0, wire_dtype: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None, channel_options=(),
                  shared: str | None = None, local_hosts: frozenset[str] = frozenset({"127.0.0.1", "localhost"}),
-                 split_min_rows: int = 32):
+                 split_min_rows: int = 32, wait_s: float = 30.0, wait_poll_s: float = 0.25):
         self.shard_of, self.lookup, self.forget = shard_of, lookup, forget
         self.call_timeout_s, self.refresh_s, self.wire_dtype = call_timeout_s, refresh_s, wire_dtype
         self.credentials = credentials
         # Replicas on one of these hosts get tensors through shared buffers ("shm"/"cuda_ipc").
         self.shared, self.local_hosts = shared, local_hosts
         self.split_min_rows = split_min_rows  # below this many rows per replica, one call is cheaper
+        self.wait_s, self.wait_poll_s = wait_s, wait_poll_s
         keep_large_buffers()
         self.channel_options = EXPERT_CHANNEL_OPTIONS + list(channel_options)
         self.replicas: dict[str, list[_Replica]] = {}
@@ -86,6 +89,7 @@ class GrpcDispatcher:
         self._refreshing: asyncio.Lock | None = None
         self.calls = 0
         self.retries = 0
+        self.waits = 0  # calls that found no live replica and waited for one
         self.bytes_out = 0  # tensor payload bytes sent to / received from experts
         self.bytes_in = 0
         self.latencies: deque[tuple[str, float]] = deque(maxlen=1 << 16)  # (shard, s); metrics drain it
@@ -153,7 +157,7 @@ class GrpcDispatcher:
 
     async def _call_one(self, shard: str, x_nH: torch.Tensor, segments, out_nH: torch.Tensor) -> None:
         deadline = STEP_DEADLINE.get() or time.monotonic() + self.call_timeout_s
-        last_error = None
+        last_error, waiting_since = None, None
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -162,8 +166,16 @@ class GrpcDispatcher:
             if replica is None:
                 await self.refresh(force=True)
                 replica = self._pick(shard)
-                if replica is None:  # fail fast: waiting would hold every request in the step
+            if replica is None:
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    self.waits += 1
+                    log.warning("expert shard %s has no live replica; waiting up to %.0f s for one", shard,
+                                min(self.wait_s, remaining))
+                if time.monotonic() - waiting_since >= self.wait_s:
                     break
+                await asyncio.sleep(min(self.wait_poll_s, remaining))
+                continue
             replica.outstanding += 1
             self.calls += 1
             try:
@@ -189,7 +201,8 @@ class GrpcDispatcher:
             finally:
                 replica.outstanding -= 1
         detail = f" (last error: {last_error.details()})" if last_error is not None else ""
-        raise ExpertsUnavailable(f"no live replica of expert shard {shard}{detail}")
+        waited = f" after waiting {time.monotonic() - waiting_since:.1f} s" if waiting_since is not None else ""
+        raise ExpertsUnavailable(f"no live replica of expert shard {shard}{waited}{detail}")
 
     async def close(self) -> None:
         for c in self._clients.values():

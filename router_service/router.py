@@ -29,7 +29,7 @@ class Router:
                  experts: list | None = None, max_running: int = 64, max_queued: int = 256, expert_timeout_s: float = 30.0,
                  wire_dtype: str | None = None, transport: str = "grpc", micro_batches: int = 1,
                  shared_memory: str = "auto", expert_tls: dict | None = None, router_device: str = "auto",
-                 router_dtype: str = "float32"):
+                 router_dtype: str = "float32", expert_wait_s: float = 30.0, deploy_id: str = ""):
         if router_dtype not in DTYPES:
             raise ValueError(f"router_dtype must be one of {', '.join(DTYPES)}, got {router_dtype!r}")
         # "auto" follows the expert replicas' rule: a GPU when the deployment's num_gpus gave it one.
@@ -38,6 +38,7 @@ class Router:
         shared_memory = shared_kind(shared_memory, device)
         ckpt = Checkpoint(model_dir)
         self.cfg = ckpt.config
+        self.model_name, self.deploy_id = os.path.basename(os.path.normpath(model_dir)), deploy_id
         self.shards = shards
         # Handles to the expert deployments: binding them is what makes Serve deploy them; the
         # Serve-handle dispatcher (the Ray-native baseline) calls through them.
@@ -55,7 +56,7 @@ class Router:
                                          wire_dtype=wire_dtype,
                                          credentials=security.expert_channel_credentials(expert_tls),
                                          channel_options=security.expert_channel_options(expert_tls),
-                                         shared=shared_memory or None,
+                                         shared=shared_memory or None, wait_s=expert_wait_s,
                                          local_hosts=frozenset({"127.0.0.1", ray.util.get_node_ip_address()}))
         if transport not in ("grpc", "handle"):
             raise ValueError(f"transport must be 'grpc' or 'handle', got {transport!r}")
@@ -90,8 +91,10 @@ class Router:
         return {"counts": self.engine.stats.counts.tolist(), "tokens": self.engine.stats.tokens,
                 "finished": self.engine.finished, **self.engine.load, "steps_cancelled": self.engine.steps_cancelled,
                 "expert_calls": self.dispatcher.calls, "expert_retries": self.dispatcher.retries,
+                "expert_waits": self.dispatcher.waits,
                 "shards": {n: [list(p) for p in pairs] for n, pairs in self.shards.items()},
-                "replicas": replicas, "top_k": self.cfg.top_k}
+                "replicas": replicas, "top_k": self.cfg.top_k, "model": self.model_name,
+                "deploy_id": self.deploy_id}
 
     async def check_health(self):
         if self.engine._loop_task is not None and self.engine._loop_task.done() and not self.engine._loop_task.cancelled():

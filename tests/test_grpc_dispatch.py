@@ -85,3 +85,45 @@ def test_shards_with_scattered_rows_and_one_slice_each_equal_in_process(shared):
     got, want = run(go())
     for y in got:
         torch.testing.assert_close(y, want)
+
+
+def test_a_shard_with_no_live_replica_waits_for_one_then_gives_up_past_its_wait():
+    """The only replica of a shard is gone: the call waits until one registers (it would restart
+    under Serve) and returns its rows; with no replica back within `wait_s` it fails UNAVAILABLE."""
+    import asyncio
+
+    from router_service.grpc_dispatch import ExpertsUnavailable
+    g = torch.Generator().manual_seed(0)
+    H, I = 16, 24
+    weights = {(0, 0): tuple(torch.randn(*s, generator=g) / 4 for s in ((I, H), (H, I), (I, H)))}
+    x = torch.randn(5, H, generator=g)
+    want = ExpertShard(weights).forward(x, [(0, 0, 5)])
+
+    async def go():
+        table = {"expert-0": []}
+        looked_up = asyncio.Event()
+
+        async def lookup():
+            looked_up.set()
+            return table
+        disp = GrpcDispatcher({(0, 0): "expert-0"}, lookup, wait_s=30, wait_poll_s=0.05)
+        call = asyncio.create_task(disp.run_experts(0, x, [5]))
+        await looked_up.wait()
+        await asyncio.sleep(0.3)
+        assert not call.done()  # held, not failed
+        server, port = await start_server(ExpertServicer(ExpertShard(weights)))
+        table["expert-0"] = [f"127.0.0.1:{port}"]  # the replica is back
+        got = await asyncio.wait_for(call, 10)
+        waits = disp.waits
+        await disp.close()
+        await server.stop(None)
+
+        short = GrpcDispatcher({(0, 0): "expert-0"}, lookup, wait_s=0.2, wait_poll_s=0.05)
+        table["expert-0"] = []
+        with pytest.raises(ExpertsUnavailable, match="no live replica of expert shard expert-0 after waiting"):
+            await short.run_experts(0, x, [5])
+        await short.close()
+        return got, waits
+    got, waits = run(go())
+    torch.testing.assert_close(got, want)
+    assert waits == 1
