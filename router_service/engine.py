@@ -44,24 +44,43 @@ class _Sequence:
     tokens: list[int]                   # prompt, then generated
     params: SamplingParams | None       # None: score (all-position logits, no generation)
     out: asyncio.Queue
-    cache: model.KVCache
     prompt_len: int
     generator: torch.Generator | None = None
     deadline: float | None = None       # time.monotonic() by which the caller gives up
     n_new: int = 0
     done: bool = False
+    slot: int | None = None             # its place in the engine's KV pool while it runs
+    cached: int = 0                     # positions written to its cache
+    scored: list = field(default_factory=list)  # a score request's logits, chunk by chunk
     id: int = field(default_factory=itertools.count().__next__)
 
 
 class Engine:
     def __init__(self, cfg: MoEConfig, weights: model.DenseWeights, dispatcher, *, device=None,
                  max_running: int = 64, max_queued: int = 256, max_step_tokens: int = 8192,
-                 micro_batches: int = 1):
-        """`device` (default: the weights') holds the weights, KV caches and every step's tensors;
-        logits come back to the CPU in float32 for sampling, so seeded results do not depend on it."""
+                 micro_batches: int = 1, max_seq_len: int | None = None, kv_tokens: int | None = None,
+                 kv_memory_fraction: float | None = None):
+        """`device` (default: the weights') holds the weights, the KV pool and every step's tensors;
+        logits come back to the CPU in float32 for sampling, so seeded results do not depend on it.
+
+        The KV pool is allocated here, once: slots of `max_seq_len` positions (default the model's
+        context), as many as `kv_tokens` positions hold, or as fit in `kv_memory_fraction` of the
+        device's free memory, or else `max_running`. A step runs at most `max_step_tokens` tokens:
+        longer prompts are prefilled in chunks over several steps while decodes go on."""
         self.cfg, self.dispatcher = cfg, dispatcher
         self.device = weights.device if device is None else torch.device(device)
         self.weights = weights.to(self.device)
+        self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        slot_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * self.max_seq_len * cfg.dim_per_head * self.weights.embed.element_size()
+        if kv_tokens is not None:
+            n_slots = kv_tokens // self.max_seq_len
+        elif kv_memory_fraction is not None and self.device.type == "cuda":
+            n_slots = int(torch.cuda.mem_get_info(self.device)[0] * kv_memory_fraction) // slot_bytes
+        else:
+            n_slots = max_running
+        if n_slots < 1:
+            raise ValueError(f"the KV budget holds no sequence of {self.max_seq_len} positions")
+        self.pool = model.KVPool(cfg, n_slots, self.max_seq_len, self.weights.dtype, self.device)
         self._staging = Staging()  # pinned host memory for the logits (pageable GPU copies are slow)
         self.max_running, self.max_queued, self.max_step_tokens = max_running, max_queued, max_step_tokens
         self.micro_batches = micro_batches
@@ -116,7 +135,7 @@ class Engine:
         bad = next((t for t in prompt if not 0 <= t < self.cfg.vocab_size), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is out of range [0, {self.cfg.vocab_size})")
-        room = self.cfg.max_position_embeddings
+        room = self.max_seq_len
         if len(prompt) + max_new_tokens > room:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
                              f"exceeds the context of {room} tokens")
@@ -131,8 +150,7 @@ class Engine:
         if live >= self.max_running + self.max_queued:
             raise Overloaded(f"{live} requests in flight or queued "
                              f"(limits: {self.max_running} running + {self.max_queued} queued)")
-        seq = _Sequence(list(prompt), params, asyncio.Queue(),
-                        model.KVCache(self.cfg, capacity, self.weights.dtype, self.device), len(prompt),
+        seq = _Sequence(list(prompt), params, asyncio.Queue(), len(prompt),
                         params.generator() if params else None, deadline)
         self.waiting.append(seq)
         if self._loop_task is None or self._loop_task.done():  # first use, or a new event loop
@@ -171,14 +189,23 @@ class Engine:
             except Exception as e:  # the step's sequences fail together; others carry on
                 for s in batch:
                     if not s.done:
-                        s.done = True
-                        s.out.put_nowait(e)
+                        self._end(s, e)
             finally:
                 STEP_DEADLINE.reset(token)
                 self._batch, self._step_task = [], None
 
-    def _drop(self, seq: _Sequence) -> None:
+    def _end(self, seq: _Sequence, item=None) -> None:
+        """Done: its slot goes back to the pool at once (a step still in flight may write it, but
+        slots are handed out only between steps)."""
         seq.done = True
+        if item is not None:
+            seq.out.put_nowait(item)
+        if seq.slot is not None:
+            self.pool.release(seq.slot)
+            seq.slot = None
+
+    def _drop(self, seq: _Sequence) -> None:
+        self._end(seq)
         step = self._step_task
         if step is not None and not step.done() and any(s is seq for s in self._batch) \
                 and all(s.done for s in self._batch):
@@ -189,65 +216,81 @@ class Engine:
         now = time.monotonic()
         for s in itertools.chain(self.running, self.waiting):
             if not s.done and s.deadline is not None and now > s.deadline:
-                s.done = True
-                s.out.put_nowait(TimeoutError("deadline exceeded"))
+                self._end(s, TimeoutError("deadline exceeded"))
 
     def _admit(self):
-        budget = self.max_step_tokens - len(self.running)
+        # A request needs a slot of the pool; without one it waits in the queue (FIFO).
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
             if seq.done:
                 self.waiting.popleft()
                 continue
-            if len(seq.tokens) > budget and self.running:
-                break  # a long prompt waits for a quieter step rather than stall everyone
-            budget -= len(seq.tokens)
+            seq.slot = self.pool.alloc()
+            if seq.slot is None:
+                break
             self.running.append(self.waiting.popleft())
+
+    def _plan(self, batch: list[_Sequence]) -> list[tuple[_Sequence, int]]:
+        """(sequence, tokens it runs) for this step: every decode gets its token, then prompts (in
+        arrival order) take what is left of the step's token budget, a chunk at a time."""
+        pending = [(s, len(s.tokens) - s.cached) for s in batch]
+        budget = self.max_step_tokens - sum(n for _, n in pending if n == 1)
+        plan = []
+        for s, n in pending:
+            if n > 1:
+                n = min(n, budget)
+                budget -= n
+            if n > 0:
+                plan.append((s, n))
+        return plan
 
     async def _step(self, batch: list[_Sequence]):
         # Micro-batches run as concurrent coroutines: while one waits for its experts, the next
         # runs its attention (ping-pong overlap). Sequences are independent, so results are the same.
-        groups = _split(batch, self.micro_batches)
+        groups = _split(self._plan(batch), self.micro_batches)
         outs = await asyncio.gather(*(self._forward(g) for g in groups))
         for group, (segments, h_TH) in zip(groups, outs):
             self._emit(group, segments, h_TH)
 
-    async def _forward(self, group: list[_Sequence]):
+    async def _forward(self, group: list[tuple[_Sequence, int]]):
         segments, tokens = [], []
-        for s in group:
-            start = s.cache.length
-            new = s.tokens[start:]
-            segments.append(model.Segment(s.cache, start, len(new)))
-            tokens += new
-        h_TH = await model.forward(self.cfg, self.weights, torch.tensor(tokens, device=self.device), segments,
+        for s, n in group:
+            segments.append(model.Segment(s.slot, s.cached, n))
+            tokens += s.tokens[s.cached:s.cached + n]
+        h_TH = await model.forward(self.cfg, self.weights, self.pool, tokens, segments,
                                    self.dispatcher, on_route=self.stats.record)
+        for s, n in group:
+            s.cached += n
         self.stats.tokens += len(tokens)
         return segments, h_TH
 
-    def _emit(self, group: list[_Sequence], segments: list[model.Segment], h_TH: torch.Tensor):
+    def _emit(self, group: list[tuple[_Sequence, int]], segments: list[model.Segment], h_TH: torch.Tensor):
         ends = list(itertools.accumulate(seg.length for seg in segments))
         # One lm_head GEMM over every sequence's last position, one copy to the CPU: [B, V]
         logits_BV = self._to_cpu(model.logits(self.weights, h_TH[[end - 1 for end in ends]]))
         greedy_B = logits_BV.argmax(-1).tolist()  # one argmax for every greedy sequence of the step
-        for b, (s, seg, end) in enumerate(zip(group, segments, ends)):
+        for b, ((s, _), seg, end) in enumerate(zip(group, segments, ends)):
             if s.done:
                 continue
             if s.params is None:
-                s.out.put_nowait(self._to_cpu(model.logits(self.weights, h_TH[end - seg.length:end])))
-                self._finish(s)
+                s.scored.append(self._to_cpu(model.logits(self.weights, h_TH[end - seg.length:end])))
+                if s.cached == len(s.tokens):
+                    self._end(s, torch.cat(s.scored))
+                    self.finished += 1
                 continue
+            if s.cached < len(s.tokens):
+                continue  # a prompt's chunk before its last: no token yet
             try:
                 tok = greedy_B[b] if s.params.temperature == 0 else sample(logits_BV[b], s.params, s.generator)
             except Exception as e:  # one sequence's sampling fault must not fail its neighbours
-                s.done = True
-                s.out.put_nowait(e)
+                self._end(s, e)
                 continue
             s.tokens.append(tok)
             s.n_new += 1
             reason = None
             if tok == self.cfg.eos_token_id:
                 reason = "stop"
-            elif s.n_new >= s.params.max_new_tokens or len(s.tokens) >= self.cfg.max_position_embeddings:
+            elif s.n_new >= s.params.max_new_tokens or len(s.tokens) >= self.max_seq_len:
                 reason = "length"
             s.out.put_nowait((tok, reason))
             if reason:
@@ -258,18 +301,18 @@ class Engine:
         return self._staging.to_host(x).to(torch.float32, copy=x.is_cuda)
 
     def _finish(self, s: _Sequence):
-        s.done = True
+        self._end(s)
         self.finished += 1
 
 
-def _split(batch: list[_Sequence], n: int) -> list[list[_Sequence]]:
+def _split(batch: list[tuple[_Sequence, int]], n: int) -> list[list[tuple[_Sequence, int]]]:
     """At most n contiguous groups of about equal token counts (no empty group)."""
     if n <= 1 or len(batch) < 2:
         return [batch]
-    sizes = [len(s.tokens) - s.cache.length for s in batch]
-    total, groups, cur, acc = sum(sizes), [], [], 0
-    for s, size in zip(batch, sizes):
-        cur.append(s)
+    total, groups, cur, acc = sum(size for _, size in batch), [], [], 0
+    for item in batch:
+        size = item[1]
+        cur.append(item)
         acc += size
         if acc >= total * (len(groups) + 1) / n and len(groups) < n - 1:
             groups.append(cur)

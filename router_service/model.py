@@ -2,16 +2,17 @@
 
 Legend: T tokens in this step (all sequences, flattened), H hidden size, K top_k, E experts,
 N = T * K routed rows, Q query heads, G kv heads, D head dim, S cached positions of one sequence,
-B sequences that decode one token in this step.
+B sequences that decode one token in this step, P slots of the KV pool, R the slots a decode
+step's attention spans.
 """
 from __future__ import annotations
 
+import heapq
 import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
 from moe_core.checkpoint import Checkpoint, dense_shapes
 from moe_core.config import MoEConfig
@@ -90,26 +91,35 @@ def apply_rope(x_THD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) 
     return x_THD * cos_TD[:, None, :] + rotated * sin_TD[:, None, :]
 
 
-class KVCache:
-    """One sequence's keys and values for every layer, grown as positions are written."""
+class KVPool:
+    """Keys and values of every running sequence, allocated once per engine: `n_slots` slots of
+    `max_len` positions each. A sequence holds one slot from admission until it ends; the lowest free
+    slot is handed out first, so the running sequences stay packed at the front and a decode step
+    attends over a view of the first slots, never a copy."""
 
-    def __init__(self, cfg: MoEConfig, capacity: int, dtype=torch.float32, device="cpu"):
-        shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.dim_per_head)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, G, S, D]
+    def __init__(self, cfg: MoEConfig, n_slots: int, max_len: int, dtype=torch.float32, device="cpu"):
+        shape = (cfg.n_layers, n_slots, cfg.n_kv_heads, max_len, cfg.dim_per_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, G, S, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0  # positions written for every layer
+        self.n_slots, self.max_len = n_slots, max_len
+        self._free = list(range(n_slots))  # a heap: lowest first
+        self._staging = _MetaStaging()
 
-    def write(self, layer: int, start: int, k_nGD: torch.Tensor, v_nGD: torch.Tensor):
-        n = k_nGD.shape[0]
-        self.k[layer, :, start:start + n] = k_nGD.transpose(0, 1)
-        self.v[layer, :, start:start + n] = v_nGD.transpose(0, 1)
-        return self.k[layer, :, :start + n], self.v[layer, :, :start + n]  # [G, S, D]
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def alloc(self) -> int | None:
+        return heapq.heappop(self._free) if self._free else None
+
+    def release(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
 
 
 @dataclass
 class Segment:
     """A run of consecutive tokens of one sequence inside the step's flattened batch."""
-    cache: KVCache
+    slot: int
     start: int   # position of the first token
     length: int
 
@@ -117,50 +127,99 @@ class Segment:
 @dataclass
 class Step:
     """What every layer's attention needs to know about one step's sequences, built once per step
-    on the model's device: the layers then make no host-to-device copies (each waits for the GPU)."""
+    and sent to the model's device in one copy: the layers then make no host-to-device copies."""
+    tokens_T: torch.Tensor
+    pos_T: torch.Tensor
+    slot_T: torch.Tensor
     cos_TD: torch.Tensor
     sin_TD: torch.Tensor
-    prompts: list[tuple[Segment, int, torch.Tensor]]  # (segment, first row, mask [n, S]) for runs of 2+ tokens
-    decodes: list[tuple[Segment, int]]                # (segment, row) for one new token
-    rows_B: torch.Tensor | None                       # the decodes' rows
-    mask_BS: torch.Tensor | None                      # which of their (padded) cached positions each sees
+    prompts: list[tuple[Segment, int, torch.Tensor]]  # (segment, first row, mask [n, start+n]) for runs of 2+ tokens
+    rows_B: torch.Tensor | None                       # the decodes' rows in the step (None: no decodes)
+    slots_B: torch.Tensor | None                      # and their slots
+    mask_R11S: torch.Tensor | None                    # which positions slot r's decode query sees
+    all_decode: bool                                  # every row decodes: rows_B is arange(T)
 
 
-def plan_step(cfg: MoEConfig, segments: list[Segment], device, dtype: torch.dtype) -> Step:
-    positions_T = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(device)
-    cos_TD, sin_TD = rope_cos_sin(positions_T, cfg.dim_per_head, cfg.rope_theta)
+class _MetaStaging:
+    """Two pinned host buffers used in turn for the step's metadata (one non-blocking copy each);
+    an event says when the copy out of a buffer is done, so it is never overwritten mid-copy."""
+
+    def __init__(self):
+        self.bufs, self.events, self.turn = [None, None], [None, None], 0
+
+    def to_device(self, host_I: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if device.type != "cuda":
+            return host_I.to(device)
+        i = self.turn = 1 - self.turn
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        if self.bufs[i] is None or self.bufs[i].numel() < host_I.numel():
+            self.bufs[i] = torch.empty(max(host_I.numel(), 4096), dtype=torch.int64, pin_memory=True)
+        buf = self.bufs[i][:host_I.numel()]
+        buf.copy_(host_I)
+        out = buf.to(device, non_blocking=True)
+        self.events[i] = torch.cuda.Event()
+        self.events[i].record()
+        return out
+
+
+def plan_step(cfg: MoEConfig, pool: KVPool, tokens: list[int], segments: list[Segment], device,
+              dtype: torch.dtype) -> Step:
+    T = len(tokens)
+    pos, slot = [], []
+    for seg in segments:
+        pos += range(seg.start, seg.start + seg.length)
+        slot += [seg.slot] * seg.length
     rows = list(itertools.accumulate((seg.length for seg in segments), initial=0))
-    prompts = [(seg, r, _causal(cfg, positions_T[r:r + seg.length, None],
+    decodes = [(seg, r) for seg, r in zip(segments, rows) if seg.length == 1]
+    R = max((seg.slot for seg, _ in decodes), default=-1) + 1   # decode attention spans slots [0, R)
+    pos_R = [0] * R  # slots that do not decode this step see position 0 only (finite, discarded)
+    for seg, _ in decodes:
+        pos_R[seg.slot] = seg.start
+    meta = tokens + pos + slot + [r for _, r in decodes] + [seg.slot for seg, _ in decodes] + pos_R
+    meta_I = pool._staging.to_device(torch.tensor(meta, dtype=torch.int64), torch.device(device))
+    B = len(decodes)
+    tokens_T, pos_T, slot_T, rows_B, slots_B, pos_R = meta_I.split([T, T, T, B, B, R])
+    cos_TD, sin_TD = rope_cos_sin(pos_T, cfg.dim_per_head, cfg.rope_theta)
+    prompts = [(seg, r, _causal(cfg, pos_T[r:r + seg.length, None],
                                 torch.arange(seg.start + seg.length, device=device)[None, :]))
                for seg, r in zip(segments, rows) if seg.length > 1]
-    decodes = [(seg, r) for seg, r in zip(segments, rows) if seg.length == 1]
-    rows_B = mask_BS = None
+    mask = None
     if decodes:
-        rows_B = torch.tensor([r for _, r in decodes], device=device)
         S = max(seg.start for seg, _ in decodes) + 1
-        mask_BS = _causal(cfg, positions_T[rows_B, None], torch.arange(S, device=device)[None, :])
-    return Step(cos_TD.to(dtype), sin_TD.to(dtype), prompts, decodes, rows_B, mask_BS)
+        mask = _causal(cfg, pos_R[:, None], torch.arange(S, device=device)[None, :])[:, None, None, :]
+    return Step(tokens_T, pos_T, slot_T, cos_TD.to(dtype), sin_TD.to(dtype), prompts,
+                rows_B if decodes else None, slots_B if decodes else None, mask, B == T)
 
 
-def attention(cfg: MoEConfig, w: LayerWeights, layer: int, x_TH: torch.Tensor, step: Step) -> torch.Tensor:
+def attention(cfg: MoEConfig, w: LayerWeights, layer: int, x_TH: torch.Tensor, step: Step,
+              pool: KVPool) -> torch.Tensor:
     T, D, Q, G = x_TH.shape[0], cfg.dim_per_head, cfg.n_heads, cfg.n_kv_heads
     q_TQD = apply_rope(F.linear(x_TH, w.wq).view(T, Q, D), step.cos_TD, step.sin_TD)
     k_TGD = apply_rope(F.linear(x_TH, w.wk).view(T, G, D), step.cos_TD, step.sin_TD)
     v_TGD = F.linear(x_TH, w.wv).view(T, G, D)
-    out_TQD = torch.empty_like(q_TQD)
-    for seg, r, mask in step.prompts:  # prompts differ in length: attention runs per sequence
-        n = seg.length
-        k_GSD, v_GSD = seg.cache.write(layer, seg.start, k_TGD[r:r + n], v_TGD[r:r + n])
-        y_QnD = F.scaled_dot_product_attention(q_TQD[r:r + n].transpose(0, 1), k_GSD, v_GSD,
-                                               attn_mask=mask, enable_gqa=G != Q)
+    k_PGSD, v_PGSD = pool.k[layer], pool.v[layer]
+    k_PGSD[step.slot_T, :, step.pos_T] = k_TGD  # every token's cache write in one scatter
+    v_PGSD[step.slot_T, :, step.pos_T] = v_TGD
+    out_TQD = q_TQD if step.all_decode else torch.empty_like(q_TQD)
+    for seg, r, mask in step.prompts:  # prompts differ in length: one call per prompt
+        n, S = seg.length, seg.start + seg.length
+        y_QnD = F.scaled_dot_product_attention(q_TQD[r:r + n].transpose(0, 1), k_PGSD[seg.slot, :, :S],
+                                               v_PGSD[seg.slot, :, :S], attn_mask=mask, enable_gqa=G != Q)
         out_TQD[r:r + n] = y_QnD.transpose(0, 1)
-    if step.decodes:  # one new token per sequence: one attention call over the padded caches
-        ks, vs = zip(*(seg.cache.write(layer, seg.start, k_TGD[r:r + 1], v_TGD[r:r + 1]) for seg, r in step.decodes))
-        k_BGSD = pad_sequence([k.transpose(0, 1) for k in ks], batch_first=True).transpose(1, 2)
-        v_BGSD = pad_sequence([v.transpose(0, 1) for v in vs], batch_first=True).transpose(1, 2)
-        y_BQ1D = F.scaled_dot_product_attention(q_TQD[step.rows_B][:, :, None], k_BGSD, v_BGSD,
-                                                attn_mask=step.mask_BS[:, None, None], enable_gqa=G != Q)
-        out_TQD[step.rows_B] = y_BQ1D[:, :, 0]
+    if step.rows_B is not None:
+        # One call for every decode: queries placed at their slots, attending a view of the first R
+        # slots' caches; a kv head's Q/G query heads act as its query positions (GQA without copies).
+        R, S = step.mask_R11S.shape[0], step.mask_R11S.shape[-1]
+        q_B = q_TQD if step.all_decode else q_TQD[step.rows_B]
+        q_RQD = q_TQD.new_zeros(R, Q, D).index_copy_(0, step.slots_B, q_B)
+        y_RGqD = F.scaled_dot_product_attention(q_RQD.view(R, G, Q // G, D), k_PGSD[:R, :, :S],
+                                                v_PGSD[:R, :, :S], attn_mask=step.mask_R11S)
+        y_BQD = y_RGqD.reshape(R, Q, D)[step.slots_B]
+        if step.all_decode:
+            out_TQD = y_BQD
+        else:
+            out_TQD[step.rows_B] = y_BQD
     return F.linear(out_TQD.reshape(T, Q * D), w.wo)  # [T, H]
 
 
@@ -198,20 +257,20 @@ async def moe(layer: int, x_TH: torch.Tensor, gate_EH: torch.Tensor, top_k: int,
     return out_TH
 
 
-async def forward(cfg: MoEConfig, w: DenseWeights, tokens_T: torch.Tensor, segments: list[Segment],
+async def forward(cfg: MoEConfig, w: DenseWeights, pool: KVPool, tokens: list[int], segments: list[Segment],
                   dispatcher, on_route=None) -> torch.Tensor:
-    """One step over the flattened tokens of several sequences; returns final hidden states [T, H].
+    """One step over the flattened tokens of several sequences (their caches in `pool`); returns
+    final hidden states [T, H].
 
     `on_route(layer, counts_E)` sees how many rows each expert got in every layer (statistics).
     """
-    step = plan_step(cfg, segments, w.device, w.dtype)
-    h_TH = F.embedding(tokens_T, w.embed)
+    tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+    step = plan_step(cfg, pool, tokens, segments, w.device, w.dtype)
+    h_TH = F.embedding(step.tokens_T, w.embed)
     for L, lw in enumerate(w.layers):
-        h_TH = h_TH + attention(cfg, lw, L, rms_norm(h_TH, lw.attn_norm, cfg.rms_norm_eps), step)
+        h_TH = h_TH + attention(cfg, lw, L, rms_norm(h_TH, lw.attn_norm, cfg.rms_norm_eps), step, pool)
         x_TH = rms_norm(h_TH, lw.moe_norm, cfg.rms_norm_eps)
         h_TH = h_TH + await moe(L, x_TH, lw.gate, cfg.top_k, dispatcher, on_route)
-    for s in segments:
-        s.cache.length = max(s.cache.length, s.start + s.length)
     return rms_norm(h_TH, w.norm, cfg.rms_norm_eps)
 
 

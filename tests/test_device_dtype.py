@@ -38,11 +38,11 @@ def test_bfloat16_engine_keeps_its_dtype_and_stays_close_to_float32(tiny_model):
     async def caches_while_generating():
         stream = engine.generate([1, 2, 3], SamplingParams(max_new_tokens=4))
         await stream.__anext__()
-        caches = [s.cache for s in engine.running]
+        running = list(engine.running)
         await stream.aclose()
-        return caches
-    caches = run(caches_while_generating())
-    assert caches and all(c.k.dtype == c.v.dtype == torch.bfloat16 for c in caches)
+        return running
+    assert run(caches_while_generating())
+    assert engine.pool.k.dtype == engine.pool.v.dtype == torch.bfloat16
 
     ids = [1, 5, 9, 200, 17, 3, 44, 8]
     want = run(local_engine(tiny_model).score(ids))
@@ -65,13 +65,13 @@ def test_forward_in_bfloat16_returns_bfloat16(tiny_model):
     cfg, dt = ckpt.config, torch.bfloat16
     w = model.DenseWeights.load(ckpt, dtype=dt)
     disp = InProcessDispatcher(ExpertShard.load(ckpt, all_pairs(cfg), dtype=dt))
-    prompt, decode = model.KVCache(cfg, 16, dt), model.KVCache(cfg, 16, dt)
-    run(model.forward(cfg, w, torch.tensor([7, 8, 9]), [model.Segment(decode, 0, 3)], disp))
-    segs = [model.Segment(prompt, 0, 5), model.Segment(decode, 3, 1)]
-    h_TH = run(model.forward(cfg, w, torch.tensor([1, 2, 3, 4, 5, 10]), segs, disp))
+    pool = model.KVPool(cfg, 2, 16, dt)
+    run(model.forward(cfg, w, pool, [7, 8, 9], [model.Segment(1, 0, 3)], disp))
+    segs = [model.Segment(0, 0, 5), model.Segment(1, 3, 1)]
+    h_TH = run(model.forward(cfg, w, pool, [1, 2, 3, 4, 5, 10], segs, disp))
     assert h_TH.dtype == dt and h_TH.shape == (6, cfg.hidden_size)
     assert model.logits(w, h_TH).dtype == dt
-    assert prompt.k.dtype == decode.v.dtype == dt and prompt.length == 5 and decode.length == 4
+    assert pool.k.dtype == pool.v.dtype == dt
 
 
 @pytest.mark.parametrize("window", [None, 4])
@@ -83,13 +83,14 @@ def test_attention_makes_its_tensors_on_the_weights_device(tiny_model, window):
     meta = torch.device("meta")
     w = model.DenseWeights.load(ckpt, device=meta)
     assert w.device == meta
-    caches = [model.KVCache(cfg, 16, device=meta) for _ in range(3)]
-    segs = [model.Segment(caches[0], 3, 1), model.Segment(caches[1], 0, 6), model.Segment(caches[2], 9, 1)]
-    step = model.plan_step(cfg, segs, w.device, w.dtype)
-    made = [step.cos_TD, step.sin_TD, step.rows_B, step.mask_BS] + [mask for _, _, mask in step.prompts]
+    pool = model.KVPool(cfg, 3, 16, device=meta)
+    segs = [model.Segment(0, 3, 1), model.Segment(1, 0, 6), model.Segment(2, 9, 1)]
+    step = model.plan_step(cfg, pool, list(range(8)), segs, w.device, w.dtype)
+    made = [step.tokens_T, step.cos_TD, step.sin_TD, step.rows_B, step.slots_B, step.mask_R11S] + [
+        mask for _, _, mask in step.prompts]
     assert all(t.device == meta for t in made)
     x_TH = torch.empty(8, cfg.hidden_size, device=meta)
-    out_TH = model.attention(cfg, w.layers[0], 0, x_TH, step)
+    out_TH = model.attention(cfg, w.layers[0], 0, x_TH, step, pool)
     assert out_TH.device == meta and out_TH.shape == (8, cfg.hidden_size)
 
 

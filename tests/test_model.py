@@ -51,41 +51,56 @@ def test_incremental_decode_equals_full_recompute(tiny_model):
     cfg, w = ckpt.config, model.DenseWeights.load(ckpt)
     disp = InProcessDispatcher(ExpertShard.load(ckpt, all_pairs(cfg)))
     ids = torch.randint(0, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(2))
+    pool = model.KVPool(cfg, 3, 32)
 
-    full_cache = model.KVCache(cfg, 24)
-    full = run(model.forward(cfg, w, ids, [model.Segment(full_cache, 0, 24)], disp))
-
-    cache = model.KVCache(cfg, 24)
-    steps = [run(model.forward(cfg, w, ids[:10], [model.Segment(cache, 0, 10)], disp))]
+    full = run(model.forward(cfg, w, pool, ids, [model.Segment(0, 0, 24)], disp))
+    steps = [run(model.forward(cfg, w, pool, ids[:10], [model.Segment(2, 0, 10)], disp))]
     for p in range(10, 24):  # one token at a time, reading the cache
-        steps.append(run(model.forward(cfg, w, ids[p:p + 1], [model.Segment(cache, p, 1)], disp)))
+        steps.append(run(model.forward(cfg, w, pool, ids[p:p + 1], [model.Segment(2, p, 1)], disp)))
     torch.testing.assert_close(torch.cat(steps), full, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cache.k, full_cache.k, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(pool.k[:, 2], pool.k[:, 0], atol=1e-6, rtol=1e-6)
+    assert pool.k[:, 1].abs().max() == 0  # no other slot written
+
+
+def test_chunked_prompt_equals_whole(tiny_model):
+    ckpt = Checkpoint(tiny_model)
+    cfg, w = ckpt.config, model.DenseWeights.load(ckpt)
+    disp = InProcessDispatcher(ExpertShard.load(ckpt, all_pairs(cfg)))
+    ids = torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(4))
+    pool = model.KVPool(cfg, 2, 64)
+    whole = run(model.forward(cfg, w, pool, ids, [model.Segment(0, 0, 40)], disp))
+    chunks = [run(model.forward(cfg, w, pool, ids[a:b], [model.Segment(1, a, b - a)], disp))
+              for a, b in ((0, 16), (16, 17), (17, 33), (33, 40))]
+    torch.testing.assert_close(torch.cat(chunks), whole, atol=1e-5, rtol=1e-5)
 
 
 def test_mixed_step_equals_each_sequence_alone(tiny_model):
-    """Decodes of different cache lengths share one padded attention call beside a prefill."""
+    """Decodes of different cache lengths, in scattered slots, share one attention call beside
+    a prefill."""
     ckpt = Checkpoint(tiny_model)
     cfg, w = ckpt.config, model.DenseWeights.load(ckpt)
     disp = InProcessDispatcher(ExpertShard.load(ckpt, all_pairs(cfg)))
     g = torch.Generator().manual_seed(3)
     lengths = [5, 17, 1]  # cached positions of three decoding sequences; then a new prompt of 9
+    slots = [3, 0, 5]
     seqs = [torch.randint(0, cfg.vocab_size, (n + 1,), generator=g) for n in lengths + [8]]
 
-    def caches():
-        out = []
-        for ids, n in zip(seqs[:3], lengths):
-            c = model.KVCache(cfg, 32)
-            run(model.forward(cfg, w, ids[:n], [model.Segment(c, 0, n)], disp))
-            out.append(c)
-        return out
-    alone = [run(model.forward(cfg, w, ids[n:n + 1], [model.Segment(c, n, 1)], disp))
-             for ids, n, c in zip(seqs, lengths, caches())]
-    alone.append(run(model.forward(cfg, w, seqs[3][:9], [model.Segment(model.KVCache(cfg, 32), 0, 9)], disp)))
-    segs = [model.Segment(c, n, 1) for n, c in zip(lengths, caches())] + [model.Segment(model.KVCache(cfg, 32), 0, 9)]
+    def filled():
+        pool = model.KVPool(cfg, 7, 32)
+        for ids, n, s in zip(seqs[:3], lengths, slots):
+            run(model.forward(cfg, w, pool, ids[:n], [model.Segment(s, 0, n)], disp))
+        return pool
+    pool = filled()
+    alone = [run(model.forward(cfg, w, pool, ids[n:n + 1], [model.Segment(s, n, 1)], disp))
+             for ids, n, s in zip(seqs, lengths, slots)]
+    alone.append(run(model.forward(cfg, w, pool, seqs[3][:9], [model.Segment(1, 0, 9)], disp)))
+    pool = filled()
+    segs = [model.Segment(s, n, 1) for n, s in zip(lengths, slots)] + [model.Segment(1, 0, 9)]
     tokens = torch.cat([ids[n:n + 1] for ids, n in zip(seqs[:3], lengths)] + [seqs[3][:9]])
-    together = run(model.forward(cfg, w, tokens, segs, disp))
+    together = run(model.forward(cfg, w, pool, tokens, segs, disp))
     torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    decodes_only = run(model.forward(cfg, w, filled(), tokens[:3], segs[:3], disp))
+    torch.testing.assert_close(decodes_only, torch.cat(alone[:3]), atol=1e-5, rtol=1e-5)
 
 
 def test_batched_requests_equal_solo(tiny_model):
@@ -117,10 +132,9 @@ def test_split_balances_tokens():
     from router_service.engine import _split
 
     class S:
-        def __init__(self, n):
-            self.tokens, self.cache = [0] * n, type("C", (), {"length": 0})()
-    batch = [S(n) for n in (10, 1, 1, 1, 9, 1)]
+        pass
+    batch = [(S(), n) for n in (10, 1, 1, 1, 9, 1)]
     groups = _split(batch, 2)
     assert len(groups) == 2 and sum(map(len, groups)) == 6
-    assert [sum(len(s.tokens) for s in g) for g in groups] == [12, 11]
+    assert [sum(n for _, n in g) for g in groups] == [12, 11]
     assert _split(batch[:1], 2) == [batch[:1]]
