@@ -9,9 +9,43 @@ import sys
 import grpc
 import numpy as np
 
+DESCRIPTION = ("Serve a Mixtral-family mixture-of-experts model on Ray: the router and each expert are "
+               "Ray Serve deployments behind one gRPC gateway. Start with `moe-serve init-model DIR`, "
+               "`moe-serve up --model DIR`, `moe-serve generate --prompt TEXT`, `moe-serve down`.")
+GATEWAY_PORT = 9000
+
 
 class UsageError(Exception):
     """Bad arguments: printed as one line, exit status 2."""
+
+
+class Failed(Exception):
+    """The command ran and failed (a deploy Serve refused): printed as one line, exit status 1."""
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command's help shows the defaults that are values (not unset or off)."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kw)
+
+
+def address(text: str) -> str:
+    """HOST[:PORT], the port defaulting to the gateway's 9000."""
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and not host.endswith(":"):
+        return text
+    return f"{text}:{GATEWAY_PORT}"
+
+
+def _progress(line: str) -> None:
+    print(f"moe-serve: {line}", file=sys.stderr, flush=True)
 
 
 def _ids(text: str) -> list[int]:
@@ -52,7 +86,14 @@ def _local_engine(a):
     return local_engine(a.model, device=a.device, dtype=getattr(torch, a.dtype))
 
 
+def _remote_only_model(a):
+    if a.model and not a.local:
+        raise UsageError("--model is read only with --local (run DIR in this process); the gateway serves "
+                         "the model `moe-serve up --model DIR` deployed")
+
+
 def cmd_generate(a):
+    _remote_only_model(a)
     if a.local:
         engine = _local_engine(a)
         prompt = _prompt_ids(a, engine.cfg.vocab_size)
@@ -83,6 +124,7 @@ def _prompt_ids(a, vocab: int) -> list[int]:
 
 
 def cmd_score(a):
+    _remote_only_model(a)
     ids = _ids(a.token_ids)
     if a.local:
         engine = _local_engine(a)
@@ -95,14 +137,18 @@ def cmd_score(a):
 
 
 def cmd_up(a):
-    from router_service.launcher import up
-    print(json.dumps(up(model=a.model, port=a.port, config=a.config, num_cpus=a.num_cpus, num_gpus=a.num_gpus,
-                        wait_s=a.wait, router_gpus=a.router_gpus, expert_gpus=a.expert_gpus, dtype=a.dtype)))
+    from router_service.launcher import DeployError, up
+    try:
+        print(json.dumps(up(model=a.model, port=a.port, config=a.config, num_cpus=a.num_cpus, num_gpus=a.num_gpus,
+                            wait_s=a.wait, router_gpus=a.router_gpus, expert_gpus=a.expert_gpus, dtype=a.dtype,
+                            dashboard=not a.no_dashboard, verbose=a.verbose, progress=_progress)))
+    except DeployError as e:
+        raise Failed(str(e)) from None
 
 
 def cmd_down(a):
     from router_service.launcher import down
-    print(json.dumps(down()))
+    print(json.dumps(down(verbose=a.verbose, progress=_progress)))
 
 
 def cmd_stats(a):
@@ -133,8 +179,8 @@ COMMAND_MODULES = ["router_service.record", "router_service.simulate", "router_s
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    p = argparse.ArgumentParser(prog="moe-serve", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="moe-serve", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
 
@@ -146,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_init_model)
 
     def target(s):
-        s.add_argument("--model", help="model directory (needed with --local, and for --prompt text)")
+        s.add_argument("--model", help="with --local: the model directory to run")
         s.add_argument("--local", action="store_true", help="run in this process instead of calling the gateway")
-        s.add_argument("--address", default="127.0.0.1:9000", help="gateway HOST:PORT")
+        s.add_argument("--address", type=address, default=f"127.0.0.1:{GATEWAY_PORT}", help="gateway HOST[:PORT]")
         s.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
         s.add_argument("--device", default="cpu", help="with --local: torch device of the model, e.g. cuda")
         s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -157,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="generate tokens")
     target(s)
     s.add_argument("--prompt-ids")
-    s.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    s.add_argument("--prompt", help="prompt text (the model needs a tokenizer.json)")
     s.add_argument("--max-new-tokens", type=int, default=16)
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--top-p", type=float, default=1.0)
@@ -175,24 +221,29 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("up", help="start a local Ray cluster (or join RAY_ADDRESS) and deploy the gateway")
     s.add_argument("--model", help="model directory (default: the one in --config)")
     s.add_argument("--port", type=int, default=9000, help="gateway gRPC port")
-    s.add_argument("--config", help="Serve config YAML (default: cluster/serve.yaml)")
+    s.add_argument("--config", help="Serve config YAML (default: the package's serve.yaml, the same as "
+                                    "cluster/serve.yaml)")
     s.add_argument("--num-cpus", type=int, help="logical CPUs of the local cluster")
     s.add_argument("--num-gpus", type=int, help="GPUs the local cluster declares")
     s.add_argument("--router-gpus", type=float, default=0, help="the router's GPU share (1: a GPU of its own; "
-                                                                  "default: as the config says, CPU in serve.yaml)")
+                                                                  "0: as the config says, CPU in serve.yaml)")
     s.add_argument("--expert-gpus", type=float, default=0, help="each expert replica's GPU share (0.125: eight to "
                                                                   "a GPU; 1: a GPU each)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="router and expert dtype "
                                                                                   "(bfloat16 on GPUs)")
-    s.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the health check")
+    s.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the new model to answer")
+    s.add_argument("--no-dashboard", action="store_true", help="start the local cluster without Ray's "
+                                                               "dashboard (which `serve status` needs)")
+    s.add_argument("--verbose", action="store_true", help="show Ray's and Serve's own log lines")
     s.set_defaults(fn=cmd_up)
 
     s = sub.add_parser("down", help="remove the app and stop the local cluster `up` started")
+    s.add_argument("--verbose", action="store_true", help="show Ray's and Serve's own log lines")
     s.set_defaults(fn=cmd_down)
 
     s = sub.add_parser("stats", help="tokens routed per layer and expert, replicas per expert deployment")
-    s.add_argument("--address", default="127.0.0.1:9000")
-    s.add_argument("--timeout", type=float, default=30.0)
+    s.add_argument("--address", type=address, default=f"127.0.0.1:{GATEWAY_PORT}", help="gateway HOST[:PORT]")
+    s.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
     s.add_argument("--plot", help="write a layer x expert heatmap PNG here")
     s.add_argument("--record", metavar="FILE", help="poll for --duration s and write a msgpack routing trace")
     s.add_argument("--interval", type=float, default=1.0, help="with --record: seconds between polls")
@@ -208,10 +259,21 @@ def main(argv=None) -> int:
     except (UsageError, ValueError, FileNotFoundError, TimeoutError) as e:
         print(f"moe-serve {a.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except Failed as e:
+        print(f"moe-serve {a.cmd}: error: {e}", file=sys.stderr)
+        return 1
     except grpc.RpcError as e:
-        print(f"moe-serve {a.cmd}: {e.code().name}: {e.details()}", file=sys.stderr)
+        if e.code() == grpc.StatusCode.UNAVAILABLE and _refused(e.details() or ""):
+            where = getattr(a, "address", "?")
+            print(f"moe-serve {a.cmd}: no gateway at {where}: is `moe-serve up` running?", file=sys.stderr)
+        else:
+            print(f"moe-serve {a.cmd}: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
     return 0
+
+
+def _refused(details: str) -> bool:
+    return any(k in details for k in ("failed to connect", "Connection refused", "connections to all backends failing"))
 
 
 if __name__ == "__main__":

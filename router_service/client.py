@@ -57,8 +57,8 @@ def score(address, token_ids, *, timeout=120.0) -> np.ndarray:
     return decode(r.logits, allowed_dtypes=("float32",), max_elements=MAX_MESSAGE_BYTES // 4).numpy()
 
 
-def stats(address, *, timeout=30.0) -> gateway_pb2.StatsReply:
-    with channel(address) as ch:
+def stats(address, *, timeout=30.0, ca=None, token=None) -> gateway_pb2.StatsReply:
+    with channel(address, ca=ca, token=token) as ch:
         return gateway_pb2_grpc.GatewayStub(ch).Stats(gateway_pb2.StatsRequest(), timeout=timeout)
 
 

@@ -27,14 +27,22 @@ def _counts(rows, replicas=None):
         print("replicas per expert deployment: " + ", ".join(f"{k}={v}" for k, v in replicas.items()))
 
 
+def _about(model: str) -> None:
+    from moe_core.config import MoEConfig
+    cfg = MoEConfig.from_dir(model)
+    print(f"model {model}: {cfg.n_layers} layers, {cfg.n_experts} experts, top-{cfg.top_k}. Its weights are random "
+          "(written by `moe-serve init-model` with a fixed seed), so the text below is noise, the same on every run.")
+
+
 def remote(model: str, port: int):
     from moe.v1 import gateway_pb2_grpc
     from router_service import client
     from router_service.launcher import down, up
 
+    _about(model)
     print("starting a local Ray cluster and deploying (about a minute on a small machine)...", flush=True)
     try:
-        info = up(model=model, port=port)
+        info = up(model=model, port=port, progress=lambda line: print(f"  {line}", flush=True))
         print(f"gateway healthy at {info['address']}")
         stub = gateway_pb2_grpc.GatewayStub(client.channel(info["address"]))
         for prompt in PROMPTS:
@@ -49,6 +57,7 @@ def remote(model: str, port: int):
 def local(model: str):
     from router_service.engine import local_engine
 
+    _about(model)
     engine, tok = local_engine(model), load_tokenizer(model)
 
     async def stream(ids):

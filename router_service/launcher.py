@@ -1,31 +1,51 @@
 """Bringing the application up and down: a local Ray cluster (or RAY_ADDRESS), Serve with the
-gRPC gateway, the app from `cluster/serve.yaml`, and a wait for the gateway's health check."""
+gRPC gateway, the app from the Serve config (the package's `serve.yaml` unless given another),
+and a wait until the gateway answers for the model just deployed.
+
+Progress goes to stderr, one line a stage; Ray's own log lines only with `verbose`. A failed `up`
+ends with Serve's reason in one line (`DeployError`) and stops what it started.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+import uuid
+from importlib import resources
 from pathlib import Path
 
+import grpc
 import ray
 import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from expert_service.directory import NAMESPACE, kill_directory
-from router_service import client
+from moe_core.config import MoEConfig
+from router_service import client, security
+from router_service.app import expert_deployments
 from router_service.gateway import GENERATED_SERVICER_FUNCTIONS, SERVICER_FUNCTIONS
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "serve.yaml"
+DEFAULT_CONFIG = Path(str(resources.files("router_service") / "serve.yaml"))
 STATE_FILE = Path(os.environ.get("MOE_SERVE_STATE", Path.home() / ".cache" / "moe-serve" / "state.json"))
+APP = "moe"
+DASHBOARD_PORT = 8265
+
+
+class DeployError(RuntimeError):
+    """The deploy failed or never became healthy; the message is one line naming Serve's reason."""
 
 
 def load_config(path: str | Path | None = None, *, model: str | None = None, port: int | None = None,
                 **app_args) -> dict:
-    """The Serve config from YAML, with the model made absolute and the gRPC port set."""
+    """The Serve config from YAML, with the model made absolute, the gRPC port set and an entry in
+    `deployments:` for every expert deployment the checkpoint has (app.expert_deployments)."""
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"Serve config {path} not found")
@@ -37,12 +57,14 @@ def load_config(path: str | Path | None = None, *, model: str | None = None, por
     app["args"] |= {k: v for k, v in app_args.items() if v is not None}
     if not (Path(app["args"]["model"]) / "config.json").is_file():
         raise FileNotFoundError(f"model directory {app['args']['model']} has no config.json")
-    grpc = cfg.setdefault("grpc_options", {})
-    listed = set(grpc.get("grpc_servicer_functions", [])) - set(GENERATED_SERVICER_FUNCTIONS)
-    grpc["grpc_servicer_functions"] = sorted(listed | set(SERVICER_FUNCTIONS))
+    app["deployments"] = expert_deployments(app, MoEConfig.from_dir(app["args"]["model"]), source=str(path))
+    app["args"].pop("expert_options", None)  # written out per deployment above, where Serve can update it
+    grpc_options = cfg.setdefault("grpc_options", {})
+    listed = set(grpc_options.get("grpc_servicer_functions", [])) - set(GENERATED_SERVICER_FUNCTIONS)
+    grpc_options["grpc_servicer_functions"] = sorted(listed | set(SERVICER_FUNCTIONS))
     if port is not None:
-        grpc["port"] = port
-    grpc.setdefault("port", 9000)
+        grpc_options["port"] = port
+    grpc_options.setdefault("port", 9000)
     return cfg
 
 
@@ -60,68 +82,205 @@ def place_on_gpus(cfg: dict, *, router_gpus: float = 0, expert_gpus: float = 0, 
     return cfg
 
 
-def deploy(cfg: dict, *, wait_s: float = 300.0) -> str:
-    """Deploys into the Ray cluster this process is connected to; returns the gateway address."""
+def deploy(cfg: dict, *, wait_s: float = 300.0, progress=None) -> str:
+    """Deploys into the Ray cluster this process is connected to and returns the gateway address
+    once the gateway answers for this deployment (its Stats carry the deploy id given here)."""
+    app = cfg["applications"][0]
+    app["args"]["deploy_id"] = uuid.uuid4().hex[:12]
     serve.start(http_options=cfg.get("http_options"), grpc_options=cfg["grpc_options"],
                 proxy_location=cfg.get("proxy_location", "HeadOnly"))
     serve_cfg = {k: v for k, v in cfg.items() if k not in ("http_options", "grpc_options", "proxy_location")}
     serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(serve_cfg))
     address = f"127.0.0.1:{cfg['grpc_options']['port']}"
-    wait_healthy(address, wait_s)
+    wait_serving(address, app, wait_s, progress or (lambda line: None))
     return address
 
 
-def wait_healthy(address: str, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    while not client.healthy(address, ca="", token=""):  # the plaintext port; health needs no token
-        status = serve.status().applications
-        failed = any(a.status == "DEPLOY_FAILED" for a in status.values())
-        if failed or time.monotonic() > deadline:  # a failed deploy does not heal itself: say so now
-            why = "deploy failed" if failed else f"not healthy after {wait_s:.0f}s"
-            raise TimeoutError(f"gateway at {address}: {why}; Serve says: "
-                               + "; ".join(f"{n}: {a.status} {a.message}" for n, a in status.items()))
+def wait_serving(address: str, app: dict, wait_s: float, progress) -> None:
+    """Until the gateway at `address` answers Stats with `app`'s deploy id (a gateway of an earlier
+    deployment still answering health checks does not count); DeployError when Serve gives up
+    on the deploy or `wait_s` passes."""
+    deadline, name, said = time.monotonic() + wait_s, app.get("name", APP), None
+    token = _token(app["args"])
+    while True:
+        status = serve.status().applications.get(name)
+        if status is not None and status.status == "DEPLOY_FAILED":  # it does not heal itself: say so now
+            raise DeployError(f"deploy failed: {serve_reason(status)}")
+        if status is not None and status.deployments:
+            running = sum(d.status == "HEALTHY" for d in status.deployments.values())
+            line = f"deployments {running}/{len(status.deployments)} running"
+            if line != said:
+                progress(line)
+                said = line
+        if _answers(address, name, app["args"]["deploy_id"], token):
+            progress(f"healthy: the gateway at {address} serves {Path(app['args']['model']).name}")
+            return
+        if time.monotonic() > deadline:
+            why = serve_reason(status) if status is not None else "the application never appeared"
+            raise DeployError(f"not serving after {wait_s:.0f} s: {why}")
         time.sleep(0.5)
+
+
+def _answers(address: str, app: str, deploy_id: str, token: str | None) -> bool:
+    """Whether the gateway's Stats name this deployment; where the plaintext port refuses Stats
+    (TLS required, no token here), its health check and the router's own stats through Serve."""
+    try:
+        return client.stats(address, timeout=5, ca="", token=token or "").deploy_id == deploy_id
+    except grpc.RpcError as e:
+        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return False
+    if not client.healthy(address, ca="", token=""):  # health needs no token
+        return False
+    try:
+        router = serve.get_deployment_handle("Router", app_name=app)
+        return router.stats.remote().result(timeout_s=10)["deploy_id"] == deploy_id
+    except Exception:
+        return False
+
+
+def _token(args: dict) -> str | None:
+    """A bearer token the gateway of this config accepts (Stats needs one where tokens are set)."""
+    if os.environ.get(security.TOKEN_ENV):
+        return os.environ[security.TOKEN_ENV]
+    path = args.get("auth_token_file")
+    if path and Path(path).is_file():
+        return next((t.strip() for t in Path(path).read_text().splitlines() if t.strip()), None)
+    return None
+
+
+def serve_reason(status) -> str:
+    """Serve's reason for an application's state, one line: the exception's last line of the first
+    deployment (or the application) that has a message, not its traceback."""
+    messages = [f"{n}: {d.message}" for n, d in status.deployments.items() if d.message and d.status != "HEALTHY"]
+    text = messages[0] if messages else (status.message or str(status.status))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:", ln)]
+    head = lines[0].split(":")[0] + ": " if messages else ""
+    return (head + errors[-1]) if errors else " ".join(lines)[:500]
 
 
 def up(*, model: str | None, port: int = 9000, config: str | None = None, num_cpus: int | None = None,
        num_gpus: int | None = None, wait_s: float = 300.0, router_gpus: float = 0, expert_gpus: float = 0,
-       dtype: str | None = None) -> dict:
+       dtype: str | None = None, dashboard: bool = True, verbose: bool = False, progress=None) -> dict:
+    """Starts a local Ray cluster unless RAY_ADDRESS names one or one runs here, and deploys; a
+    running app is replaced (on the same port) and `up` returns once the new one answers. On a
+    failure, what this call started is stopped again."""
+    progress = progress or (lambda line: None)
     cfg = place_on_gpus(load_config(config, model=model, port=port), router_gpus=router_gpus,
                         expert_gpus=expert_gpus, dtype=dtype)
+    state = _read_state()
     started = False
     if not os.environ.get("RAY_ADDRESS") and not _local_cluster_running():
+        progress("starting a local Ray cluster" + (f" (dashboard at http://127.0.0.1:{DASHBOARD_PORT})"
+                                                  if dashboard else ""))
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--disable-usage-stats",
-               "--include-dashboard=false"]
+               f"--include-dashboard={'true' if dashboard else 'false'}", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={DASHBOARD_PORT}"]
         cmd += [f"--num-cpus={num_cpus}"] if num_cpus else []
         cmd += [f"--num-gpus={num_gpus}"] if num_gpus is not None else []
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise DeployError("ray start failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])
         started = True
-    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
-    if started or not STATE_FILE.exists():
-        STATE_FILE.write_text(json.dumps({"started_ray": started}))
-    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE, log_to_driver=False)
+        state = {"started_ray": True}
+        _write_state(state)  # `down` stops it even if this process dies before the end
+    else:
+        progress(f"joining the Ray cluster at {os.environ.get('RAY_ADDRESS') or 'this machine'}")
+    with _quiet(not verbose):
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE, log_to_driver=verbose,
+                 logging_level=logging.INFO if verbose else logging.ERROR)
+    running = False
     try:
-        address = deploy(cfg, wait_s=wait_s)
-    finally:
+        with _quiet(not verbose):
+            running = APP in serve.status().applications if _serve_running() else False
+            if running and state.get("port") not in (None, port):
+                raise DeployError(f"moe-serve is running {state.get('model', '?')} on port {state['port']}; "
+                                  f"`moe-serve down` first to serve on port {port}, or `up` on port {state['port']}")
+            new = Path(cfg["applications"][0]["args"]["model"]).name
+            progress(f"replacing {Path(state.get('model', '?')).name} with {new}" if running else f"deploying {new}")
+            address = deploy(cfg, wait_s=wait_s, progress=progress)
+    except BaseException:
+        with _quiet(not verbose):
+            _stop(started_ray=started, app=not running, progress=progress)
         ray.shutdown()
-    return {"address": address, "model": cfg["applications"][0]["args"]["model"], "started_ray": started}
+        if started:
+            STATE_FILE.unlink(missing_ok=True)
+        raise
+    ray.shutdown()
+    model_dir = cfg["applications"][0]["args"]["model"]
+    _write_state(state | {"port": port, "model": model_dir})
+    return {"address": address, "model": model_dir, "started_ray": state.get("started_ray", False)}
 
 
-def down() -> dict:
-    state = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else {}
+def down(*, verbose: bool = False, progress=None) -> dict:
+    progress = progress or (lambda line: None)
+    state = _read_state()
     removed = False
     if os.environ.get("RAY_ADDRESS") or state.get("started_ray") or _local_cluster_running():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE, log_to_driver=False)
-        serve.shutdown()
-        kill_directory()
-        ray.shutdown()
+        with _quiet(not verbose):
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE, log_to_driver=verbose,
+                     logging_level=logging.INFO if verbose else logging.ERROR)
+            progress("removing the application")
+            _stop(started_ray=False, app=True, progress=progress)
+            ray.shutdown()
         removed = True
     stopped = False
     if state.get("started_ray"):
+        progress("stopping the local Ray cluster")
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop"], capture_output=True)
         stopped = True
     STATE_FILE.unlink(missing_ok=True)
     return {"removed_app": removed, "stopped_ray": stopped}
+
+
+def _stop(*, started_ray: bool, app: bool, progress) -> None:
+    """Takes down what an `up` started: the application (and Serve with it), the local cluster."""
+    if app or started_ray:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        with contextlib.suppress(Exception):
+            kill_directory()
+    if started_ray:
+        progress("stopping the Ray cluster this `up` started")
+        ray.shutdown()
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop"], capture_output=True)
+
+
+def _serve_running() -> bool:
+    try:
+        serve.context._get_global_client(raise_if_no_controller_running=True)
+        return True
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def _quiet(on: bool):
+    """Ray's and Serve's INFO/WARNING lines off (the CLI prints its own progress)."""
+    if not on:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("ray", "ray.serve", "ray._private.worker")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _read_state() -> dict:
+    try:
+        return json.loads(STATE_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_state(state: dict) -> None:
+    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    STATE_FILE.write_text(json.dumps(state))
 
 
 def _local_cluster_running() -> bool:

@@ -6,11 +6,13 @@ import json
 
 
 def add_parser(sub) -> None:
+    from router_service.cli import address
     s = sub.add_parser("load", help="send load to a gateway for a while (optionally making one expert hot), "
                                     "report latency, tokens/s and errors")
-    s.add_argument("--address", default="127.0.0.1:9000", help="gateway HOST:PORT")
-    s.add_argument("--rps", type=float, required=True, help="requests per second offered")
-    s.add_argument("--duration", type=float, required=True, help="seconds of load; then it stops")
+    s.add_argument("--address", type=address, default="127.0.0.1:9000", help="gateway HOST[:PORT]")
+    s.add_argument("--rps", type=float, help="requests per second offered (default: closed loop, "
+                                          "--concurrency requests always in flight)")
+    s.add_argument("--duration", type=float, default=30.0, help="seconds of load; then it stops")
     s.add_argument("--concurrency", type=int, default=16, help="requests in flight at most")
     s.add_argument("--max-new-tokens", type=int, default=8)
     s.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")

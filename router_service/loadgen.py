@@ -3,6 +3,8 @@ expert hot.
 
 Requests arrive open-loop at `rps` for `duration_s` seconds, at most `concurrency` in flight (when
 that many are waiting, new arrivals wait for a slot); then it waits for the stragglers and stops.
+Without `rps` it runs closed-loop: `concurrency` requests always in flight, each answered one
+followed at once by the next.
 A fraction `skew` of the requests carries a "hot" prompt: one token repeated, chosen so that the
 gate sends it to the hot expert. A prompt of one repeated token routes exactly like that token
 alone, at every layer (causal attention over identical values returns that value), so scoring
@@ -81,13 +83,13 @@ def _percentile(xs: list[float], q: float) -> float | None:
     return float(np.percentile(xs, q)) if xs else None
 
 
-async def run_load(address: str, *, rps: float, duration_s: float, concurrency: int = 16,
+async def run_load(address: str, *, rps: float | None, duration_s: float, concurrency: int = 16,
                    max_new_tokens: int = 8, prompt_len: int = 32, skew: float = 0.0,
                    hot: list[int] | None = None, vocab_size: int = COLD_VOCAB, timeout_s: float = 60.0,
                    seed: int = 0, stop: asyncio.Event | None = None) -> dict:
     """Sends Complete requests as described above; returns the report (latencies in seconds).
     Setting `stop` ends the arrivals early (the requests in flight still finish)."""
-    if rps <= 0 or duration_s <= 0 or concurrency < 1:
+    if (rps is not None and rps <= 0) or duration_s <= 0 or concurrency < 1:
         raise ValueError("rps and duration must be > 0 and concurrency >= 1")
     if not 0 <= skew <= 1:
         raise ValueError(f"skew must be in [0, 1], got {skew}")
@@ -122,7 +124,7 @@ async def run_load(address: str, *, rps: float, duration_s: float, concurrency: 
         start = time.perf_counter()
         end = start + duration_s
         while True:
-            due = start + sent / rps
+            due = start + sent / rps if rps else time.perf_counter()
             if due >= end or stop.is_set():
                 break
             with contextlib.suppress(asyncio.TimeoutError):

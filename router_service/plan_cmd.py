@@ -6,11 +6,12 @@ import json
 
 
 def add_parser(sub) -> None:
+    from router_service.cli import address
     s = sub.add_parser("plan", help="replicas per expert deployment for a replica (GPU) budget, "
                                     "from observed routing (EPLB-style)")
     s.add_argument("--budget", type=int, required=True, help="expert replicas (GPUs) in all")
     src = s.add_mutually_exclusive_group()
-    src.add_argument("--address", default="127.0.0.1:9000", help="gateway HOST:PORT to read counts from")
+    src.add_argument("--address", type=address, default="127.0.0.1:9000", help="gateway HOST[:PORT] to read counts from")
     src.add_argument("--counts", help="JSON file: `moe-serve stats` output, or a [layers][experts] list")
     s.add_argument("--min-replicas", type=int, default=1)
     s.add_argument("--max-replicas", type=int, help="cap per deployment")

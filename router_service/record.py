@@ -148,8 +148,9 @@ def record(address: str, out: str | Path, *, interval_s: float = 1.0, duration_s
 
 
 def add_parser(sub) -> None:
+    from router_service.cli import address
     s = sub.add_parser("record", help="record a routing trace from a running gateway (for `moe-serve simulate`)")
-    s.add_argument("--address", default="127.0.0.1:9000", help="gateway HOST:PORT")
+    s.add_argument("--address", type=address, default="127.0.0.1:9000", help="gateway HOST[:PORT]")
     s.add_argument("--out", required=True, help="msgpack trace file to write")
     s.add_argument("--interval", type=float, default=1.0, help="seconds between polls; one step per poll")
     s.add_argument("--duration", type=float, default=60.0, help="seconds to record")

@@ -25,7 +25,7 @@ from moe_core.checkpoint import Checkpoint
 from router_service import model
 from router_service.engine import Engine, local_engine
 from router_service.grpc_dispatch import GrpcDispatcher
-from router_service.launcher import DEFAULT_CONFIG
+from router_service.launcher import DEFAULT_CONFIG, load_config
 from router_service.metrics import RouterMetrics, layer_imbalance
 from router_service.sampling import SamplingParams
 from tests.conftest import run
@@ -77,8 +77,8 @@ def test_policy_sums_replica_reports(tmp_path):
             ExpertLoadPolicy(**bad)
 
 
-def test_serve_yaml_gives_every_expert_its_own_policy():
-    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+def test_serve_yaml_gives_every_expert_its_own_policy(tiny_model):
+    cfg = load_config(DEFAULT_CONFIG, model=str(tiny_model))  # experts from the checkpoint
     experts = [d for d in cfg["applications"][0]["deployments"] if d["name"].startswith("expert-")]
     assert len(experts) == 8
     for d in experts:

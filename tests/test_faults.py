@@ -225,7 +225,9 @@ def test_a_stopped_replica_behind_a_doorbell_is_skipped_within_seconds(tiny_mode
 # -- on a cluster ----------------------------------------------------------------------------------
 
 # Bytes over gRPC (sessions off): the other cluster modules run the default same-node sessions.
-APP_ARGS = dict(max_running=4, max_queued=4, shared_memory="")
+# A step waits up to expert_wait_s for an expert with no live replica: long enough here that Serve's
+# restart of a replica always fits in it (the give-up past it is tested without a cluster).
+APP_ARGS = dict(max_running=4, max_queued=4, shared_memory="", expert_wait_s=150)
 
 
 @pytest.fixture(scope="module")
@@ -262,24 +264,24 @@ def expected(cluster, job_list):
 
 
 @pytest.mark.cluster
-def test_expert_replicas_killed_under_load_lose_no_request(cluster):
-    """Requests keep coming, 8 at a time, until at least 240 are done and 3 replicas were killed
-    (a killed expert gets its second replica back after 10-15 s before it may lose one again)."""
-    set_expert_replicas(cluster, 2)
+@pytest.mark.parametrize("replicas", [2, 1])
+def test_expert_replicas_killed_under_load_lose_no_request(cluster, replicas):
+    """Requests keep coming, 8 at a time, while a random expert replica is killed every 5 s, until
+    at least 200 are done and 3 replicas were killed. With two replicas per expert the router
+    retries on the other one; with one (or both gone at once) the step waits until Serve has
+    started a new one. No request fails, and every answer is right."""
+    set_expert_replicas(cluster, replicas)
     work = jobs(2000)
     stub, stop, kills, lock = cluster["stub"], threading.Event(), [], threading.Lock()
     results, next_job = {}, iter(range(len(work)))
-    retries_before = router_stats()["expert_retries"]
+    before = router_stats()
 
     def killer():
-        """Every 1.5 s, one replica of an expert that has both of its replicas up and registered."""
-        rng = random.Random(0)
-        while not stop.wait(1.5):
-            table = directory_table()
-            whole = [e for e in range(2) if len(replica_actors(f"expert-{e}")) == 2
-                     and len(table.get(f"expert-{e}", [])) == 2]
-            if whole:
-                victim = rng.choice(replica_actors(f"expert-{rng.choice(whole)}"))
+        rng = random.Random(replicas)
+        while not stop.wait(5.0):
+            alive = [a for e in range(2) for a in replica_actors(f"expert-{e}")]
+            if alive:
+                victim = rng.choice(alive)
                 kill_replica(victim)
                 kills.append(victim)
 
@@ -287,11 +289,11 @@ def test_expert_replicas_killed_under_load_lose_no_request(cluster):
         while True:
             with lock:
                 i = next(next_job, None)
-                if i is None or (len(results) >= 240 and len(kills) >= 3):
+                if i is None or (len(results) >= 200 and len(kills) >= 3):
                     return
             prompt, n = work[i]
             results[i] = call(stub.Complete, client.request(prompt, None, SamplingParams(max_new_tokens=n)),
-                              timeout=60)
+                              timeout=APP_ARGS["expert_wait_s"] + 60)
 
     k = threading.Thread(target=killer, daemon=True)
     started = time.monotonic()
@@ -307,12 +309,16 @@ def test_expert_replicas_killed_under_load_lose_no_request(cluster):
     done = sorted(results)
     failures = [(results[i][0], results[i][2]) for i in done if results[i][0] != OK]
     assert not failures, failures[:5]
-    assert len(done) >= 240 and len(kills) >= 3, (len(done), kills)
+    assert len(done) >= 200 and len(kills) >= 3, (len(done), kills)
     assert [list(results[i][2].token_ids) for i in done] == expected(cluster, [work[i] for i in done])
-    retries = router_stats()["expert_retries"] - retries_before
-    assert retries > 0  # the router did meet dead replicas
-    print(f"{len(done)} requests in {seconds:.1f}s, {len(kills)} replicas killed, "
-          f"{retries} expert calls retried, 0 failed")
+    after = router_stats()
+    met_dead = after["expert_retries"] - before["expert_retries"] + after["expert_waits"] - before["expert_waits"]
+    assert met_dead > 0  # the router did meet dead replicas
+    p50, p99 = np.percentile([results[i][1] for i in done], [50, 99])
+    print(f"{replicas} replica(s) per expert: {len(done)} requests in {seconds:.1f}s, {len(kills)} replicas killed, "
+          f"{after['expert_retries'] - before['expert_retries']} expert calls retried, "
+          f"{after['expert_waits'] - before['expert_waits']} waited for a replica, 0 failed; "
+          f"latency p50 {p50:.2f}s p99 {p99:.2f}s")
 
 
 @pytest.mark.cluster
@@ -411,22 +417,20 @@ def _until_served(stub, prompt, n, timeout_s):
 
 
 @pytest.mark.cluster
-def test_single_expert_replica_death_fails_fast_until_serve_restarts_it(cluster):
+def test_a_request_waits_while_the_only_replica_of_an_expert_restarts(cluster):
     set_expert_replicas(cluster, 1)
     stub, prompt, n = cluster["stub"], [11, 12, 13, 14], 5
     want = expected(cluster, [(prompt, n)])[0]
+    waits_before = router_stats()["expert_waits"]
     [victim] = replica_actors("expert-1")
     kill_replica(victim)
-    t = time.monotonic()
-    seen = _until_served(stub, prompt, n, 180)
-    print(f"expert-1 down for {time.monotonic() - t:.1f}s: {len(seen) - 1} calls UNAVAILABLE, "
-          f"slowest {max([s for _, s, _ in seen[:-1]] or [0]):.2f}s")
-    failed = seen[:-1]
-    assert failed, "a request went through with the only replica of expert-1 dead"
-    assert all(code == UNAVAILABLE and "expert-1" in d for code, _, d in failed), failed[:3]
-    assert max(s for _, s, _ in failed) < 5.0  # fast, though each call allowed 30 s
-    assert list(seen[-1][2].token_ids) == want
+    code, seconds, reply = call(stub.Complete, client.request(prompt, None, SamplingParams(max_new_tokens=n)),
+                                timeout=APP_ARGS["expert_wait_s"] + 60)
+    print(f"served {seconds:.1f}s after the only replica of expert-1 was killed")
+    assert code == OK, reply
+    assert list(reply.token_ids) == want
     assert replica_actors("expert-1") != [victim]
+    assert router_stats()["expert_waits"] > waits_before  # it did find no live replica, and waited
 
 
 @pytest.mark.cluster
@@ -445,8 +449,9 @@ def test_router_death_fails_fast_until_serve_restarts_it(cluster):
     seen = _until_served(stub, prompt, n, 180)
     print(f"router down for {time.monotonic() - t:.1f}s: in-flight stream UNAVAILABLE, {len(seen) - 1} calls "
           f"UNAVAILABLE, slowest {max([s for _, s, _ in seen[:-1]] or [0]):.2f}s")
-    assert all(code == UNAVAILABLE for code, _, _ in seen[:-1]), seen[:3]
-    assert max(s for _, s, _ in seen[:-1]) < 10, [s for _, s, _ in seen]  # each call allowed 30 s
+    # Serve may have the router back before the first call (then nothing failed): either way every
+    # call that failed did so with UNAVAILABLE, quickly, though each allowed 30 s
+    assert all(code == UNAVAILABLE and s < 10 for code, s, _ in seen[:-1]), seen
     assert list(seen[-1][2].token_ids) == want
 
 

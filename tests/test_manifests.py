@@ -44,7 +44,8 @@ def test_serve_config_is_valid_for_ray_serve():
     cfg = yaml.safe_load(SERVE.read_text())
     schema = ServeDeploySchema.model_validate(cfg)
     assert schema.applications[0].import_path == "router_service.app:build_app"
-    assert {d["name"] for d in cfg["applications"][0]["deployments"]} >= {"Gateway", "Router", "expert-0"}
+    assert {d["name"] for d in cfg["applications"][0]["deployments"]} == {"Gateway", "Router"}
+    assert "autoscaling_config" in cfg["applications"][0]["args"]["expert_options"]  # experts: from the checkpoint
 
 
 def test_serve_config_v2_is_serve_yaml(rayservice):
@@ -155,9 +156,10 @@ if __name__ == "__main__":
         print(f"copied {SERVE} into {RAYSERVICE}")
 
 
-def test_gpu_placement_of_the_serve_config():
-    from router_service.launcher import place_on_gpus
-    cfg = place_on_gpus(yaml.safe_load(SERVE.read_text()), router_gpus=1, expert_gpus=0.125, dtype="bfloat16")
+def test_gpu_placement_of_the_serve_config(tiny_model):
+    from router_service.launcher import load_config, place_on_gpus
+    cfg = place_on_gpus(load_config(SERVE, model=str(tiny_model)), router_gpus=1, expert_gpus=0.125,
+                        dtype="bfloat16")
     ServeDeploySchema.model_validate(cfg)
     app = cfg["applications"][0]
     gpus = {d["name"]: (d.get("ray_actor_options") or {}).get("num_gpus", 0) for d in app["deployments"]}
