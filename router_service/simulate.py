@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,9 @@ SHAPES = ("mixtral-8x7b", "mixtral-8x22b")
 MAX_GPUS = 1024
 MAX_STEPS = 256  # longer traces are subsampled evenly
 SPLIT_MIN_ROWS = 32  # GrpcDispatcher's split_min_rows: fewer rows per replica than this go in one call
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+# The cost table that ships with the package: made by `cost_table` from the GPU benchmark results
+# (`python -m benchmarks.cost_table`), so an installed copy needs no repository at run time.
+COSTS_FILE = Path(str(resources.files("router_service") / "costs.json"))
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class Costs:
     wire: str = "grpc figure"               # where the wire numbers come from
     gpu_memory_gb: float = 141.0            # H200
     hbm_gbs: float = 4800.0                 # H200 memory bandwidth: attention reads the KV cache at this rate
-    source: str = "defaults: H200 figures in DESIGN.md (expert math 1.6 ms/layer at T=512, 5.3 ms at " \
+    source: str = "built-in H200 estimates (expert math 1.6 ms/layer at T=512, 5.3 ms at " \
                   "T=4096; naive gRPC of bf16 hidden states 0.13-0.18 GB/s)"
 
     def fit(self) -> tuple[float, float]:
@@ -58,19 +61,19 @@ class Costs:
         return max(float(intercept), 0.0), max(float(slope), 1e-9)
 
 
-TRANSPORTS = {"grpc": 0.15, "pinned": 25.0}  # GB/s: naive Python gRPC, pinned host copy (H200, DESIGN.md)
+TRANSPORTS = {"grpc": 0.15, "pinned": 25.0}  # GB/s: naive Python gRPC, pinned host copy (H200)
 
 
 def load_costs(path: str | Path | None = None, *, transport: str | None = None,
                wire_gbs: float | None = None) -> Costs:
-    """Costs from a file (ours, or a `benchmarks/moe_layer.py` result), else from the GPU results the
-    benchmarks left in benchmarks/results, else (or with path "defaults") the DESIGN.md figures.
-    The wire: the benchmark's rows of `transport` (default grpc) where it has them, else the figure
-    of that name in TRANSPORTS; `wire_gbs` wins."""
+    """Costs from a file (ours, or a `benchmarks/moe_layer.py` result), else the package's cost
+    table (COSTS_FILE), else (or with path "defaults") the built-in estimates. The wire: the
+    benchmark's rows of `transport` (default grpc) where it has them, else the figure of that name
+    in TRANSPORTS; `wire_gbs` wins."""
     if path == "defaults":
         path = None
     elif path is None:
-        path = _gpu_benchmark()
+        path = COSTS_FILE if COSTS_FILE.is_file() else None
     costs = _costs_from_file(Path(path), transport) if path is not None else Costs()
     if transport is not None and costs.wire != f"{transport} measured":
         if transport not in TRANSPORTS:
@@ -84,13 +87,25 @@ def load_costs(path: str | Path | None = None, *, transport: str | None = None,
     return costs
 
 
-def _gpu_benchmark() -> Path | None:
+def cost_table(results_dir: Path, transport: str = "grpc") -> dict | None:
+    """The cost table (a costs file's JSON) from the GPU benchmark results in `results_dir`, named
+    after the run it came from, its device and date; None where there is no GPU run."""
+    path = _gpu_benchmark(results_dir)
+    if path is None:
+        return None
+    machine = json.loads(path.read_text()).get("machine", {})
+    costs = _costs_from_file(path, transport)
+    when = f", {machine.get('device', '?')}, {machine.get('date', '?')}" if machine else ""
+    return asdict(costs) | {"source": costs.source.rstrip(")") + when + ")"}
+
+
+def _gpu_benchmark(results_dir: Path) -> Path | None:
     """The GPU run of benchmarks/moe_layer.py on the largest shape (small matrices leave a GPU idle
     and would flatter the experts) that measured the most transports; a run that a later one
     measured again in full (naming it in `compare_to`) is superseded. A CPU run says nothing about
     a GPU deployment."""
     runs = {}
-    for p in sorted(RESULTS_DIR.glob("*.json")) if RESULTS_DIR.is_dir() else []:
+    for p in sorted(results_dir.glob("*.json")) if results_dir.is_dir() else []:
         try:
             d = json.loads(p.read_text())
         except (OSError, ValueError):
@@ -366,7 +381,7 @@ def add_parser(sub) -> None:
                                        "cuda_ipc, ...), else a figure: grpc 0.15 GB/s, pinned 25 GB/s")
     s.add_argument("--wire-gbs", type=float, help="wire bandwidth in GB/s each way, overrides --transport")
     s.add_argument("--costs", help="costs JSON, a benchmarks/moe_layer.py result, or `defaults` for the "
-                                   "DESIGN.md figures (default: a GPU result in benchmarks/results, else those)")
+                                   "built-in estimates (default: the cost table shipped with the package)")
     s.add_argument("--steps", type=int, default=200, help="steps of the synthetic trace")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shuffle-layers", action="store_true", help="synthetic: rank experts afresh in each layer")
@@ -388,6 +403,7 @@ def render(out: dict) -> str:
     share = "  ".join(f"{n}: {s:.0%}" for n, s in out["load_share"].items())
     lines = [
         f"{out['shape']} on {out['gpus']} GPUs, trace: {out['trace']}",
+        f"  costs             {out['assumptions']['costs_source']}",
         f"  router replicas   {out['routers']}",
         f"  expert replicas   {reps}",
         f"  load share        {share}",

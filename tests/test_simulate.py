@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -15,9 +16,9 @@ from router_service.simulate import Costs, load_costs, simulate, zipf_trace
 
 @pytest.fixture(autouse=True)
 def no_benchmark_results(tmp_path_factory, monkeypatch):
-    """Predictions here use the costs each test names, not whatever GPU runs benchmarks/results holds."""
+    """Predictions here use the costs each test names, not the cost table the package ships."""
     import router_service.simulate as sim
-    monkeypatch.setattr(sim, "RESULTS_DIR", tmp_path_factory.mktemp("no-results"))
+    monkeypatch.setattr(sim, "COSTS_FILE", tmp_path_factory.mktemp("no-table") / "costs.json")
 
 
 def small_trace(steps=5, layers=2, experts=8, seed=0) -> Trace:
@@ -232,24 +233,39 @@ def test_bad_costs_files(tmp_path):
     assert Costs().fit()[1] > 0
 
 
-def test_gpu_benchmark_results_are_picked_up_and_cpu_runs_are_not(tmp_path, monkeypatch):
+def test_the_cost_table_comes_from_the_gpu_benchmark_results_not_cpu_runs(tmp_path, monkeypatch):
     import router_service.simulate as sim
+    from router_service.simulate import cost_table
 
     def result(name, preset_name, device, ms):
         rows = [{"T": 512, "transport": "inprocess", "ms": ms, "MB_each_way": 1.0},
                 {"T": 4096, "transport": "inprocess", "ms": 4 * ms, "MB_each_way": 8.0}]
-        (tmp_path / name).write_text(json.dumps({"benchmark": "moe_layer", "preset": preset_name,
-                                                 "device": device, "rows": rows}))
+        (tmp_path / name).write_text(json.dumps({"benchmark": "moe_layer", "preset": preset_name, "device": device,
+                                                 "machine": {"device": "NVIDIA H200", "date": "2026-11-29"},
+                                                 "rows": rows}))
 
-    monkeypatch.setattr(sim, "RESULTS_DIR", tmp_path)
     result("a_cpu.json", "mixtral-8x7b", "cpu", 50.0)
-    assert load_costs().source == Costs().source
+    assert cost_table(tmp_path) is None
     result("b_small.json", "bench", "cuda", 0.5)
     result("c_big.json", "mixtral-8x7b", "cuda", 2.0)
     (tmp_path / "d_other.json").write_text(json.dumps({"benchmark": "something else"}))
+    table = cost_table(tmp_path)
+    assert "c_big.json" in table["source"] and "NVIDIA H200, 2026-11-29" in table["source"]
+    table_file = tmp_path / "table" / "costs.json"
+    table_file.parent.mkdir()
+    table_file.write_text(json.dumps(table))
+    monkeypatch.setattr(sim, "COSTS_FILE", table_file)  # as the package ships it
     picked = load_costs()
-    assert "c_big.json" in picked.source and picked.reference == "mixtral-8x7b"
-    assert picked.expert_ms == ((512, 2.0), (4096, 8.0))
-    assert picked.wire == "grpc figure"  # it measured no wire: the DESIGN.md figure stands
+    assert picked.reference == "mixtral-8x7b" and picked.expert_ms == ((512, 2.0), (4096, 8.0))
+    assert picked.wire == "grpc figure"  # it measured no wire: the figure stands
     out = simulate(shape="mixtral-8x7b", gpus=12, zipf=1.0, steps=20)
     assert "c_big.json" in out["assumptions"]["costs_source"]
+
+
+def test_the_shipped_cost_table_is_the_one_the_results_give():
+    import router_service
+    from router_service.simulate import cost_table
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    shipped = Path(router_service.__file__).parent / "costs.json"
+    assert json.loads(shipped.read_text()) == json.loads(json.dumps(cost_table(results))), \
+        "router_service/costs.json is stale: run `python -m benchmarks.cost_table`"
