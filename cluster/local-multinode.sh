@@ -104,7 +104,10 @@ up() {
 import sys, ray, yaml
 from expert_service.directory import DEFAULT_NAME, NAMESPACE, ExpertDirectory
 cfg = yaml.safe_load(open(sys.argv[1]))
-for d in cfg["applications"][0]["deployments"]:
+app = cfg["applications"][0]
+experts = app["args"].setdefault("expert_options", {})  # every expert deployment (from the checkpoint)
+experts.setdefault("ray_actor_options", {}).update(num_gpus=1, resources={"expert_node": 1})
+for d in app["deployments"]:
     opts = d.setdefault("ray_actor_options", {})
     if d["name"].startswith("expert-"):
         opts.update(num_gpus=1, resources={"expert_node": 1})
