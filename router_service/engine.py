@@ -183,7 +183,8 @@ class Engine:
             try:
                 await self._step_task
             except asyncio.CancelledError:
-                if not self._abandoned:  # the loop itself is being stopped
+                # The loop itself is being stopped (perhaps while an abandoned step winds down).
+                if not self._abandoned or asyncio.current_task().cancelling():
                     raise
                 self.steps_cancelled += 1
             except Exception as e:  # the step's sequences fail together; others carry on
