@@ -67,19 +67,19 @@ def test_one_step_waits_for_the_gpu_once_per_layer(model_dir):
     cfg, dt = ckpt.config, torch.bfloat16
     w = model.DenseWeights.load(ckpt, dtype=dt, device="cuda")
     disp = InProcessDispatcher(ExpertShard.load(ckpt, all_pairs(cfg), device="cuda", dtype=dt))
-    caches = [model.KVCache(cfg, 64, dt, "cuda") for _ in range(4)]
-    for c, n in zip(caches, (5, 17, 9)):
-        asyncio.run(model.forward(cfg, w, torch.arange(n, device="cuda"), [model.Segment(c, 0, n)], disp))
-    segs = [model.Segment(c, n, 1) for c, n in zip(caches, (5, 17, 9))] + [model.Segment(caches[3], 0, 11)]
-    tokens = torch.arange(14, device="cuda")
+    pool = model.KVPool(cfg, 4, 64, dt, "cuda")
+    for slot, n in enumerate((5, 17, 9)):
+        asyncio.run(model.forward(cfg, w, pool, list(range(n)), [model.Segment(slot, 0, n)], disp))
+    segs = [model.Segment(slot, n, 1) for slot, n in enumerate((5, 17, 9))] + [model.Segment(3, 0, 11)]
+    tokens = list(range(14))
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as syncs:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            asyncio.run(model.forward(cfg, w, tokens, segs, disp))
+            asyncio.run(model.forward(cfg, w, pool, tokens, segs, disp))
         finally:
             torch.cuda.set_sync_debug_mode(0)
     syncs = [s for s in syncs if "called a synchronizing" in str(s.message)]
     assert len(syncs) <= cfg.n_layers + 2, [(s.filename, s.lineno) for s in syncs]
-    assert caches[3].k.dtype == dt and caches[3].length == 11
+    assert pool.k.dtype == dt
