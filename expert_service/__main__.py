@@ -52,9 +52,10 @@ async def serve(a) -> None:
     if threads:
         torch.set_num_threads(threads)
     shard = ExpertShard.load(Checkpoint(a.model), pairs, device=device, dtype=getattr(torch, a.dtype))
-    max_bytes = a.max_message_mb << 20
-    servicer = ExpertServicer(shard, max_message_bytes=max_bytes)
-    server, port = await start_server(servicer, host=a.host, port=a.port, max_message_bytes=max_bytes)
+    # The receive limit follows from max_rows (the largest real call); clients prove themselves with the
+    # data-plane key (expert_service/auth.py: MOE_SERVE_DATA_KEY, Ray's token, or the per-user key file).
+    servicer = ExpertServicer(shard, max_rows=a.max_rows)
+    server, port = await start_server(servicer, host=a.host, port=a.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 with --device cuda, else torch's; "
                                                "give several servers on one machine cores / servers)")
-    p.add_argument("--max-message-mb", type=int, default=256)
+    p.add_argument("--max-rows", type=int, default=1 << 14, help="rows per call (sets the receive limit)")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on shutdown")
     a = p.parse_args(argv)
     try:

@@ -61,8 +61,9 @@ class ExpertReplica:
         self.meter = LoadMeter(self.servicer)
         # The data plane listens on this node's own address only, never on all interfaces.
         self.host = ray.util.get_node_ip_address()
-        self.server, port = await start_server(self.servicer, host=self.host,
-                                               credentials=server_credentials(tls))
+        # With mTLS, only a certificate naming the router's role gets in, not any the CA signed.
+        self.server, port = await start_server(self.servicer, host=self.host, credentials=server_credentials(tls),
+                                               client_role=(tls or {}).get("client_role", "moe-router") if tls else None)
         self.address = f"{self.host}:{port}"
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.directory = get_directory(directory)

@@ -1,45 +1,87 @@
-"""A same-node session's doorbell: its Forwards over a Unix-domain socket instead of gRPC.
+"""A same-node session's doorbell: its Attach and Forwards over a Unix-domain socket.
 
 A session's shared buffers already carry the rows, so all a call still moves is (rows, segments)
 one way and a status the other. On the H200 machine an empty gRPC round trip took 0.67 ms, against
 a layer's ~2 ms of expert math, and a whole one-row Forward through a CUDA IPC session and this
 socket 0.58 ms, its expert math included (benchmarks/call_overhead.py).
 
-The socket has an abstract name (Linux): no file to clean up, gone with the process. A connection
-serves the one session its first frame names; the session id, 128 random bits handed out only by
-an Attach over gRPC (and its TLS, where on), is the credential. Calls on a connection run one at a
-time, and closing it detaches the session. A client that cannot connect (another network
-namespace, not Linux) keeps sending its Forwards over gRPC.
+The socket has an abstract name (Linux): no file to clean up, gone with the process, reachable
+from this network namespace only. Every connection is checked before it is read from:
+
+- the peer's SO_PEERCRED uid must be this process's (another user's process is closed at once);
+- at most `Limits.connections` connections, `Limits.per_peer` from one process (pid), else the
+  connection gets RESOURCE_EXHAUSTED;
+- its first frame, the Attach, must arrive whole within `Limits.first_frame_s` and is at most
+  `Limits.attach_bytes` long; it carries the data-plane key (expert_service/auth.py), checked in
+  constant time, else UNAUTHENTICATED; and the session's buffers (memfd descriptors by
+  SCM_RIGHTS, or CUDA IPC handles: no names another process could open);
+- later frames, Forwards, are at most what an envelope of `max_segments` segments needs, each
+  whole within `first_frame_s` of its start; a connection idle for `Limits.idle_s` is closed.
+
+A connection is its session: calls on it run one at a time, and closing it (either side, or the
+process dying) detaches the session. A client that cannot connect (another network namespace,
+not Linux) sends its rows as bytes over gRPC.
 
 A Unix socket has no keepalive: a replica that stops without closing it (a stopped or wedged
 process) would hold a call until its deadline. So a call that has had no reply for 10 s asks the
-replica's gRPC Info (within 5 s: Doorbell.probe_after_s, probe_timeout_s); if that
-fails the call fails UNAVAILABLE, and the dispatcher retries it on another replica, within about
-the 15 s after which gRPC gives up on a silent connection. A replica that answers Info is busy,
-not gone, and the call waits on.
+replica's gRPC Info (within 5 s: Doorbell.probe_after_s, probe_timeout_s); if that fails the call
+fails UNAVAILABLE, and the dispatcher retries it on another replica, within about the 15 s after
+which gRPC gives up on a silent connection. A replica that answers Info is busy, not gone.
 
-Frames: a 4-byte big-endian length, then msgpack. Request: [session, rows, [layer, expert, rows,
-layer, expert, rows, ...]]. Reply: [code, details], code a grpc.StatusCode value (0 is OK).
+Frames: a 4-byte big-endian length, then msgpack.
+Attach: ["attach", key, kind, dtype, capacity, hidden, [handles], [events], device_uuid] (+ fds);
+reply [0, "", session, idle_s] or [code, details].
+Forward: [rows, [layer, expert, rows, layer, expert, rows, ...]]; reply [code, details].
+code is a grpc.StatusCode value (0 is OK).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import socket
 import struct
 import sys
 import uuid
+from collections import Counter
+from dataclasses import dataclass
 
 import grpc
 import msgpack
 
+from expert_service import auth
 from moe_core.codec import WireError
 
-MAX_FRAME = 1 << 20  # 4096 segments of three integers take under 64 KB
+log = logging.getLogger(__name__)
+
 _LEN = struct.Struct(">I")
+MAX_FDS = 2
+
+
+@dataclass(frozen=True)
+class Limits:
+    connections: int = 256      # sessions on one replica: a few per router and micro-batch
+    per_peer: int = 64          # from one process
+    first_frame_s: float = 2.0  # a frame, once started, arrives whole within this
+    idle_s: float = 600.0       # a session's connection with no call for this long is closed
+    attach_bytes: int = 4096    # key, two CUDA IPC descriptors and two event handles take under 1 KB
+
+
+def forward_bytes(max_segments: int) -> int:
+    """The largest Forward frame: msgpack of [rows, 3 * max_segments uint32s] (5 bytes each)."""
+    return 16 + 15 * (3 * max_segments + 1)
 
 
 class FrameError(WireError):
-    """A frame that is not [session, rows, segments]; the connection is closed after the reply."""
+    """A frame that is not what the protocol allows; the connection is closed after the reply."""
+
+
+class Refused(Exception):
+    """Answered with `code` and the connection closed (bad key, too many sessions)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
 
 
 def pack(obj) -> bytes:
@@ -47,77 +89,205 @@ def pack(obj) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-async def read_frame(reader: asyncio.StreamReader):
-    (n,) = _LEN.unpack(await reader.readexactly(_LEN.size))
-    if n > MAX_FRAME:
-        raise FrameError(f"frame of {n} bytes exceeds {MAX_FRAME}")
+def _unpack(body: bytes):
     try:
-        return msgpack.unpackb(await reader.readexactly(n))
+        return msgpack.unpackb(body)
     except (ValueError, msgpack.ExtraData) as e:
         raise FrameError(f"frame is not msgpack: {e}") from None
 
 
-def parse_request(frame, max_segments: int) -> tuple[str, int, list[tuple[int, int, int]]]:
-    if not (isinstance(frame, list) and len(frame) == 3 and isinstance(frame[0], str)
-            and isinstance(frame[1], int) and isinstance(frame[2], list)):
-        raise FrameError("a request frame is [session, rows, segments]")
-    session, rows, flat = frame
+async def read_frame(reader: asyncio.StreamReader, max_frame: int = 1 << 20, timeout: float | None = None,
+                     idle: float | None = None):
+    """A frame, waiting up to `idle` for it to start and `timeout` for the rest."""
+    (n,) = _LEN.unpack(await asyncio.wait_for(reader.readexactly(_LEN.size), idle))
+    if n > max_frame:
+        raise FrameError(f"frame of {n} bytes exceeds {max_frame}")
+    return _unpack(await asyncio.wait_for(reader.readexactly(n), timeout))
+
+
+async def _recv_with_fds(sock: socket.socket, n: int, fds: list[int]) -> bytes:
+    """Exactly n bytes from a non-blocking socket, keeping any descriptors that came with them
+    (asyncio's streams would drop them: the kernel closes descriptors a plain recv does not take)."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    while len(data) < n:
+        try:
+            chunk, got, flags, _ = socket.recv_fds(sock, n - len(data), MAX_FDS - len(fds))
+        except BlockingIOError:
+            readable = loop.create_future()
+            loop.add_reader(sock.fileno(), lambda: readable.done() or readable.set_result(None))
+            try:
+                await readable
+            finally:
+                loop.remove_reader(sock.fileno())
+            continue
+        fds.extend(got)
+        if flags & socket.MSG_CTRUNC:
+            raise FrameError(f"an Attach passes at most {MAX_FDS} file descriptors")
+        if not chunk:
+            raise asyncio.IncompleteReadError(data, n)
+        data += chunk
+    return data
+
+
+def parse_attach(frame) -> dict:
+    if not (isinstance(frame, list) and len(frame) == 9 and frame[0] == "attach"
+            and all(isinstance(v, str) for v in (frame[1], frame[2], frame[3], frame[8]))
+            and all(isinstance(v, int) for v in frame[4:6])
+            and all(isinstance(v, list) and len(v) <= 2 and all(isinstance(b, bytes) for b in v) for v in frame[6:8])):
+        raise FrameError('an Attach frame is ["attach", key, kind, dtype, capacity, hidden, handles, events, '
+                         'device_uuid]')
+    _, key, kind, dtype, capacity, hidden, handles, events, device_uuid = frame
+    return dict(key=key, kind=kind, dtype=dtype, capacity=capacity, hidden=hidden, handles=tuple(handles),
+                events=tuple(events), device_uuid=device_uuid)
+
+
+def parse_forward(frame, max_segments: int) -> tuple[int, list[tuple[int, int, int]]]:
+    if not (isinstance(frame, list) and len(frame) == 2 and isinstance(frame[0], int) and isinstance(frame[1], list)):
+        raise FrameError("a Forward frame is [rows, segments]")
+    rows, flat = frame
     if len(flat) % 3 or len(flat) > 3 * max_segments:
         raise FrameError(f"segments must be at most {max_segments} (layer, expert, rows) triples")
     if not all(isinstance(v, int) and 0 <= v < 1 << 32 for v in [rows, *flat]):
         raise FrameError("rows and segments must be integers in [0, 2**32)")
-    return session, rows, list(zip(flat[0::3], flat[1::3], flat[2::3]))
+    return rows, list(zip(flat[0::3], flat[1::3], flat[2::3]))
+
+
+def _code(c: grpc.StatusCode) -> int:
+    return c.value[0]
 
 
 class DoorbellServer:
-    """`forward(session, rows, segments)` is the servicer's call: it returns None or raises
-    WireError (INVALID_ARGUMENT) or any other exception (INTERNAL); `detach(session)` runs when a
-    connection closes."""
+    """`attach(request, fds, pid)` maps a session's buffers and returns its id, or raises
+    SharedError/WireError (INVALID_ARGUMENT) or Refused; `forward(session, rows, segments)` is the
+    servicer's call: None, or WireError (INVALID_ARGUMENT) or any other exception (INTERNAL);
+    `detach(session)` runs when the connection closes. `key()` is the data-plane key."""
 
-    def __init__(self, forward, detach, max_segments: int):
-        self.forward, self.detach, self.max_segments = forward, detach, max_segments
+    def __init__(self, attach, forward, detach, max_segments: int, key: str, limits: Limits = Limits()):
+        self.attach, self.forward, self.detach = attach, forward, detach
+        self.max_segments, self.key, self.limits = max_segments, key, limits
+        self.max_frame = forward_bytes(max_segments)
         self.path = f"\0moe-doorbell-{uuid.uuid4().hex}"
-        self._server: asyncio.AbstractServer | None = None
+        self.peers: Counter[int] = Counter()  # open connections per pid
+        self.refused: Counter[str] = Counter()  # why connections were turned away
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task | None = None
+        self._connections: set[asyncio.Task] = set()
 
     async def start(self) -> str:
         """The socket's name, or "" where abstract Unix sockets do not exist."""
         if not sys.platform.startswith("linux"):
             return ""
-        self._server = await asyncio.start_unix_server(self._serve, sock=_unix_socket(self.path, listen=True))
+        self._listener = _unix_socket(self.path, listen=True)
+        self._accepting = asyncio.get_running_loop().create_task(self._accept())
         return self.path
 
-    async def _serve(self, reader, writer):
-        bound = None  # the session this connection serves, from its first frame
+    @property
+    def connections(self) -> int:
+        return sum(self.peers.values())
+
+    async def _accept(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            conn.setblocking(False)
+            pid, uid, _ = auth.peer_credentials(conn)
+            if uid != os.getuid():  # another user: not a word
+                self.refused["uid"] += 1
+                conn.close()
+                continue
+            if self.connections >= self.limits.connections or self.peers[pid] >= self.limits.per_peer:
+                self.refused["quota"] += 1
+                _send_quietly(conn, pack([_code(grpc.StatusCode.RESOURCE_EXHAUSTED),
+                                          f"doorbell: {self.connections} connections open, {self.peers[pid]} from "
+                                          f"this process (limits {self.limits.connections}, {self.limits.per_peer})"]))
+                conn.close()
+                continue
+            self.peers[pid] += 1
+            task = loop.create_task(self._serve(conn, pid))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _handshake(self, conn: socket.socket, pid: int) -> str:
+        fds: list[int] = []
         try:
+            async def first():
+                (n,) = _LEN.unpack(await _recv_with_fds(conn, _LEN.size, fds))
+                if n > self.limits.attach_bytes:
+                    raise FrameError(f"attach frame of {n} bytes exceeds {self.limits.attach_bytes}")
+                return _unpack(await _recv_with_fds(conn, n, fds))
+            try:
+                request = parse_attach(await asyncio.wait_for(first(), self.limits.first_frame_s))
+            except asyncio.TimeoutError:
+                raise FrameError(f"no whole Attach frame within {self.limits.first_frame_s} s") from None
+            try:
+                auth.check_key(request.pop("key"), self.key)
+            except auth.AuthError as e:
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, str(e)) from None
+            return self.attach(request, fds, pid)
+        finally:
+            for fd in fds:  # mapped by now, or refused
+                os.close(fd)
+
+    async def _serve(self, conn: socket.socket, pid: int):
+        session, writer = None, None
+        try:
+            try:
+                session = await self._handshake(conn, pid)
+                reply = [0, "", session, self.limits.idle_s]
+            except Refused as e:
+                reply = [_code(e.code), str(e)]
+            except WireError as e:  # SharedError and FrameError are WireErrors
+                reply = [_code(grpc.StatusCode.INVALID_ARGUMENT), str(e)]
+            reader, writer = await asyncio.open_unix_connection(sock=conn)
+            writer.write(pack(reply))
+            await writer.drain()
+            if session is None:
+                return
             while True:
                 try:
-                    session, rows, segments = parse_request(await read_frame(reader), self.max_segments)
-                    if bound not in (None, session):
-                        raise FrameError("a doorbell connection serves one session")
-                    bound = session
+                    frame = await read_frame(reader, self.max_frame, self.limits.first_frame_s, self.limits.idle_s)
+                    rows, segments = parse_forward(frame, self.max_segments)
                     await self.forward(session, rows, segments)
                     reply = [0, ""]
                 except FrameError as e:
-                    writer.write(pack([grpc.StatusCode.INVALID_ARGUMENT.value[0], str(e)]))
+                    writer.write(pack([_code(grpc.StatusCode.INVALID_ARGUMENT), str(e)]))
                     break
                 except WireError as e:
-                    reply = [grpc.StatusCode.INVALID_ARGUMENT.value[0], str(e)]
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    break
+                    reply = [_code(grpc.StatusCode.INVALID_ARGUMENT), str(e)]
+                except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+                    break  # gone, idle too long, or a frame that stopped half-way
                 except Exception as e:  # a fault of ours; the servicer has logged it
-                    reply = [grpc.StatusCode.INTERNAL.value[0], f"expert compute failed: {type(e).__name__}"]
+                    reply = [_code(grpc.StatusCode.INTERNAL), f"expert compute failed: {type(e).__name__}"]
                 writer.write(pack(reply))
                 await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         finally:
-            if bound is not None:
-                self.detach(bound)
-            writer.close()
+            self.peers[pid] -= 1
+            if not self.peers[pid]:
+                del self.peers[pid]
+            if session is not None:
+                self.detach(session)
+            if writer is not None:
+                writer.close()
+            else:
+                conn.close()
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for task in list(self._connections):
+            task.cancel()
+        if self._listener is not None:
+            self._listener.close()
+
+
+def _send_quietly(conn: socket.socket, data: bytes) -> None:
+    try:
+        conn.send(data)
+    except OSError:
+        pass
 
 
 def _unix_socket(name: str, listen: bool = False) -> socket.socket:
@@ -151,19 +321,48 @@ class Doorbell:
     probe_after_s = 10.0
     probe_timeout_s = 5.0
 
-    def __init__(self, reader, writer, probe=None):
+    def __init__(self, reader, writer, session: str, idle_s: float, probe=None):
         self.reader, self.writer, self.probe = reader, writer, probe
+        self.session, self.idle_s = session, idle_s
 
     @classmethod
-    async def connect(cls, path: str, probe=None) -> Doorbell:
-        return cls(*await asyncio.open_unix_connection(sock=_unix_socket(path)), probe=probe)
+    async def attach(cls, path: str, key: str, buffers, *, dtype: str, timeout: float, probe=None) -> Doorbell:
+        """Connects and attaches `buffers` (expert_service.shared.Buffers). Raises OSError when the
+        socket cannot be reached, grpc.aio.AioRpcError when the replica refuses the session."""
+        sock = _unix_socket(path)
+        try:
+            frame = pack(["attach", key, buffers.kind, dtype, buffers.capacity, buffers.x.shape[1],
+                          list(buffers.handles) if buffers.kind == "cuda_ipc" else [],
+                          list(buffers.events) if buffers.kind == "cuda_ipc" else [], buffers.device_uuid])
+            sock.setblocking(True)  # a small frame into an empty local socket: does not wait
+            socket.send_fds(sock, [frame], list(buffers.fds))
+            sock.setblocking(False)
+            reader, writer = await asyncio.open_unix_connection(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            reply = await read_frame(reader, timeout=timeout, idle=timeout)
+        except asyncio.TimeoutError:
+            writer.close()
+            raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "doorbell attach timed out") from None
+        except (asyncio.IncompleteReadError, ConnectionError, FrameError):
+            writer.close()
+            raise _error(grpc.StatusCode.UNAVAILABLE, "expert replica closed its doorbell") from None
+        if not (isinstance(reply, list) and reply and isinstance(reply[0], int)) or (reply[0] == 0 and len(reply) != 4):
+            writer.close()
+            raise _error(grpc.StatusCode.UNAVAILABLE, "expert replica's doorbell answered nonsense")
+        if reply[0]:
+            writer.close()
+            raise _error(_CODES.get(reply[0], grpc.StatusCode.UNKNOWN), str(reply[1]))
+        return cls(reader, writer, reply[2], float(reply[3]), probe)
 
-    async def forward(self, session: str, rows: int, segments, timeout: float) -> None:
+    async def forward(self, rows: int, segments, timeout: float) -> None:
         """Raises grpc.aio.AioRpcError like a gRPC Forward would. After any error but a status
         from the replica, the connection is closed and the session is no longer usable."""
         flat = [v for seg in segments for v in seg]
         try:
-            self.writer.write(pack([session, rows, flat]))
+            self.writer.write(pack([rows, flat]))
             code, details = await self._reply(timeout)
         except asyncio.TimeoutError:
             self.close()
@@ -202,7 +401,8 @@ class Doorbell:
 
     @property
     def closed(self) -> bool:
-        return self.writer.is_closing()
+        """Closed here, or by the replica (it closes idle sessions; the reader has seen the EOF)."""
+        return self.writer.is_closing() or self.reader.at_eof()
 
     def close(self) -> None:
         self.writer.close()

@@ -1,8 +1,18 @@
 """The ExpertService gRPC server: decode one [T, H] hidden tensor and its (layer, expert, rows)
 segments, run the shard's FFNs, encode the [T, H] output. Also the channel options both ends use.
 
-Every malformed request ends as INVALID_ARGUMENT with a message naming the problem, decided
-before the payload is copied or computed on.
+Every call is checked in this order, each step before any work of the next:
+1. the data-plane key in its metadata (expert_service/auth.py), constant time, else
+   UNAUTHENTICATED; with mTLS also the client certificate's role (`client_role`);
+2. its size: the receive limit is the largest real call (`max_rows` rows of hidden float32 plus
+   the segments), compressed messages are refused by gRPC itself (identity is the only algorithm
+   enabled), and the wire form is walked before parsing so that neither segments past
+   MAX_SEGMENTS nor a tensor header past its rank become objects (moe_core.codec.scan);
+3. parsing (off the event loop for large messages), then the values.
+Every malformed request ends as INVALID_ARGUMENT with a message naming the problem.
+
+Same-node sessions attach over the doorbell (expert_service/doorbell.py), one per connection;
+gRPC Attach and Detach are refused, so no buffer is ever opened by a name a client supplies.
 """
 from __future__ import annotations
 
@@ -17,19 +27,29 @@ import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from expert_service import shared
-from expert_service.doorbell import DoorbellServer
+from expert_service import auth, shared
+from expert_service.doorbell import DoorbellServer, Limits, Refused
 from expert_service.experts import ExpertShard
 from moe.v1 import common_pb2, expert_pb2
-from moe_core.codec import FLOAT_DTYPES, TAGS, WireError, check_finite, decode, encode, keep_large_buffers
+from moe_core.codec import (FLOAT_DTYPES, TAGS, TENSOR_SCAN, WireError, check_finite, decode, encode,
+                            keep_large_buffers, scan)
 from moe_core.staging import Staging
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
-MAX_MESSAGE_BYTES = 256 << 20  # 4096 tokens x 4096 hidden x fp32 is 64 MiB; leave room for prefill
-MAX_SESSIONS = 1024  # shared-buffer sessions: a few per router and micro-batch
+MAX_MESSAGE_BYTES = 256 << 20  # what clients accept: the largest server's limit (MAX_ROWS x 4096 x fp32)
+MAX_ROWS = 1 << 14  # rows per call: the engine's 8192-token step, top-2, all to one replica
 MAX_SEGMENTS = 4096  # a replica serves a few dozen (layer, expert) pairs; more is a broken client
+MAX_SESSION_BYTES = 8 << 30  # shared buffers mapped at once, all sessions together
+PARSE_INLINE_BYTES = 1 << 20  # larger requests are parsed on a worker thread
+# Segments: 2 bytes of tag and length plus three varints of up to 5 bytes; a tensor header; slack.
+_HEADER_BYTES = MAX_SEGMENTS * 17 + 4096
+
+
+def message_limit(hidden_size: int, max_rows: int = MAX_ROWS) -> int:
+    """The largest real ForwardRequest (and reply): max_rows rows of float32, plus the header."""
+    return max_rows * hidden_size * 4 + _HEADER_BYTES
 
 
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -61,8 +81,10 @@ class ExpertServicer:
     calls (H=64) the thread hop (~0.1 ms) cost more than the matmuls, so those stay inline.
     """
 
-    def __init__(self, shard: ExpertShard, *, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 inline_below: int = 1 << 22):
+    def __init__(self, shard: ExpertShard, *, max_message_bytes: int | None = None,
+                 inline_below: int = 1 << 22, max_rows: int = MAX_ROWS, key: str | None = None,
+                 client_role: str | None = None, limits: Limits = Limits(),
+                 max_session_bytes: int = MAX_SESSION_BYTES):
         if not shard.weights:
             raise ValueError("an expert server needs at least one (layer, expert) to serve")
         self.shard = shard
@@ -70,7 +92,15 @@ class ExpertServicer:
         self.hidden_size = w1_IH.shape[1]
         self.dtype, self.device = w1_IH.dtype, w1_IH.device
         self.served = frozenset(shard.weights)
-        self.max_elements = max_message_bytes // 2  # the smallest wire itemsize is 2 bytes
+        self.max_rows = max_rows
+        self.max_message_bytes = min(max_message_bytes or message_limit(self.hidden_size, max_rows),
+                                     message_limit(self.hidden_size, max_rows))
+        self.max_elements = max_rows * self.hidden_size
+        # Read now: the key a deployment's replicas and routers derive alike (expert_service/auth.py).
+        self.key = key or auth.data_key()
+        self.client_role = client_role  # with mTLS: the role the client certificate must name
+        self.limits, self.max_session_bytes = limits, max_session_bytes
+        self.refused = 0  # calls refused UNAUTHENTICATED
         self.work_per_row = self.hidden_size * w1_IH.shape[0]  # H * I multiply-adds per matmul
         # On a GPU the kernels run asynchronously anyway; a worker thread only added host<->device
         # copies from another thread, measured at ~350 ms per call on an H200 (vs 7 ms inline).
@@ -82,7 +112,7 @@ class ExpertServicer:
         # Load signals for autoscaling: rows inside Forward now, and seconds spent in Forward
         # summed over calls (its rate is the time-averaged number of calls in flight).
         self.rows_in_flight, self.busy_s = 0, 0.0
-        self.sessions: dict[str, shared.Buffers] = {}  # same-node clients' shared buffers
+        self.sessions: dict[str, shared.Buffers] = {}  # same-node clients' shared buffers, by doorbell connection
         self.staging = Staging()  # pinned host buffer for GPU copies (used on the loop thread only)
         self.doorbell: DoorbellServer | None = None
 
@@ -91,8 +121,8 @@ class ExpertServicer:
             raise WireError(f"{len(request.segments)} segments exceed the limit of {MAX_SEGMENTS}")
         segments = [(s.layer, s.expert, s.rows) for s in request.segments]
         if request.session:
-            x_TH = self._session_rows(request.session, request.rows)
-        elif not request.HasField("hidden"):
+            raise WireError("sessions take their Forwards over the replica's doorbell (Info.doorbell)")
+        if not request.HasField("hidden"):
             raise WireError("hidden tensor is missing")
         else:
             x_TH = decode(request.hidden, allowed_dtypes=FLOAT_DTYPES, max_elements=self.max_elements,
@@ -102,7 +132,7 @@ class ExpertServicer:
     def _session_rows(self, session: str, rows: int) -> torch.Tensor:
         buffers = self.sessions.get(session)
         if buffers is None:
-            raise WireError(f"unknown session {session[:64]!r}; Attach first")
+            raise WireError("the session is gone")
         if rows > buffers.capacity:
             raise WireError(f"rows {rows} exceed the session's {buffers.capacity}")
         if buffers.ready is not None:  # the client's rows are written once its event has fired
@@ -179,40 +209,39 @@ class ExpertServicer:
         await self._run(x_TH, self._check(segments, x_TH), session)
 
     async def Attach(self, request, context):
-        """Maps a same-node client's buffers; later Forwards name the session instead of sending bytes."""
-        if len(self.sessions) >= MAX_SESSIONS:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_SESSIONS} sessions attached already")
-        if request.hidden_size != self.hidden_size:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"hidden_size {request.hidden_size} != this replica's {self.hidden_size}")
-        if request.dtype not in FLOAT_DTYPES:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dtype {request.dtype!r} is not a float wire dtype")
-        if (request.kind == "shm" and len(request.names) != 2) or (
-                request.kind == "cuda_ipc" and (len(request.handles), len(request.events)) != (2, 2)):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "a session needs exactly two buffers (and, for cuda_ipc, two events)")
-        try:
-            buffers = shared.open_remote(request.kind, request.capacity_rows, request.hidden_size, request.dtype,
-                                         names=tuple(request.names), handles=tuple(request.handles),
-                                         events=tuple(request.events), device=self.device,
-                                         device_uuid=request.device_uuid)
-        except shared.SharedError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        session = uuid.uuid4().hex
-        self.sessions[session] = buffers
-        return expert_pb2.AttachReply(session=session, doorbell=self.doorbell.path if self.doorbell else "")
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            "sessions attach over the replica's doorbell (Info.doorbell), with file descriptors")
 
     async def Detach(self, request, context):
-        self.detach(request.session)
-        return expert_pb2.DetachReply()
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            "a session is detached by closing its doorbell connection")
+
+    def attach(self, request: dict, fds: list[int], pid: int) -> str:
+        """A doorbell connection's Attach (its key already checked): maps the buffers it passed."""
+        if request["hidden"] != self.hidden_size:
+            raise WireError(f"hidden_size {request['hidden']} != this replica's {self.hidden_size}")
+        if request["dtype"] not in FLOAT_DTYPES:
+            raise WireError(f"dtype {request['dtype']!r} is not a float wire dtype")
+        dtype = shared.check_size(request["capacity"], request["hidden"], request["dtype"], self.max_rows)
+        nbytes = 2 * request["capacity"] * request["hidden"] * dtype.itemsize
+        mapped = sum(b.nbytes for b in self.sessions.values())
+        if mapped + nbytes > self.max_session_bytes:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"shared buffers of {mapped} bytes mapped already (limit {self.max_session_bytes})")
+        buffers = shared.open_remote(request["kind"], request["capacity"], request["hidden"], request["dtype"],
+                                     fds=fds, handles=request["handles"], events=request["events"],
+                                     device=self.device, device_uuid=request["device_uuid"], max_rows=self.max_rows)
+        session = uuid.uuid4().hex
+        self.sessions[session] = buffers
+        return session
 
     def detach(self, session: str) -> None:
         self.sessions.pop(session, None)
 
     async def start_doorbell(self) -> None:
-        """Opens the Unix socket that same-node sessions' Forwards may take instead of gRPC."""
+        """Opens the Unix socket that same-node sessions attach and call through."""
         if self.doorbell is None:
-            bell = DoorbellServer(self.forward_session, self.detach, MAX_SEGMENTS)
+            bell = DoorbellServer(self.attach, self.forward_session, self.detach, MAX_SEGMENTS, self.key, self.limits)
             if await bell.start():
                 self.doorbell = bell
 
@@ -220,7 +249,8 @@ class ExpertServicer:
         return expert_pb2.InfoReply(
             served=[common_pb2.ExpertKey(layer=L, expert=E) for L, E in sorted(self.served)],
             hidden_size=self.hidden_size, dtype=TAGS[self.dtype], device=str(self.device),
-            calls=self.calls, rows=self.rows, in_flight=self.in_flight)
+            calls=self.calls, rows=self.rows, in_flight=self.in_flight,
+            doorbell=self.doorbell.path if self.doorbell else "")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -228,12 +258,28 @@ class ExpertServicer:
             self.doorbell.close()
 
 
-def _unary(method, request_cls, reply_cls) -> grpc.RpcMethodHandler:
-    """The generated registration lets gRPC parse requests, and a corrupt protobuf then ends as
-    UNKNOWN; parsing in the handler turns it into INVALID_ARGUMENT like every other bad input."""
+def _unary(servicer: ExpertServicer, method, request_cls, reply_cls, scan_limits: dict | None = None
+           ) -> grpc.RpcMethodHandler:
+    """Checks the caller, then the message's size and shape on the wire, then parses it. The
+    generated registration would let gRPC parse first, and a corrupt protobuf would then end as
+    UNKNOWN; here it is INVALID_ARGUMENT like every other bad input."""
     async def handler(data: bytes, context):
         try:
-            request = request_cls.FromString(data)
+            auth.check_metadata(context.invocation_metadata(), servicer.key)
+            if servicer.client_role:
+                auth.check_peer_role(context.auth_context(), servicer.client_role)
+        except auth.AuthError as e:
+            servicer.refused += 1
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        try:
+            if scan_limits:
+                scan(data, name=request_cls.DESCRIPTOR.full_name, **scan_limits)
+            if len(data) <= PARSE_INLINE_BYTES:
+                request = request_cls.FromString(data)
+            else:
+                request = await asyncio.get_running_loop().run_in_executor(None, request_cls.FromString, data)
+        except WireError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except DecodeError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"request is not a valid {request_cls.DESCRIPTOR.full_name} protobuf")
@@ -241,23 +287,35 @@ def _unary(method, request_cls, reply_cls) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(handler, response_serializer=reply_cls.SerializeToString)
 
 
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return channel_options(max_message_bytes) + [
+        ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not silently share it
+        # Only "identity": a compressed request is refused by gRPC before it is inflated.
+        ("grpc.compression_enabled_algorithms_bitset", 1),
+    ]
+
+
 async def start_server(shard: ExpertShard | ExpertServicer, *, host: str = "127.0.0.1", port: int = 0,
-                       max_message_bytes: int = MAX_MESSAGE_BYTES,
-                       credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+                       credentials: grpc.ServerCredentials | None = None,
+                       client_role: str | None = None) -> tuple[grpc.aio.Server, int]:
     """Starts ExpertService and grpc.health.v1 on host:port (0 picks a free port).
 
-    Pass an ExpertServicer instead of a shard to keep a handle on its counters.
+    Pass an ExpertServicer instead of a shard to keep a handle on its counters and set its limits.
+    `client_role`, with mTLS credentials, is the name a client certificate must carry.
     """
     keep_large_buffers()
-    servicer = shard if isinstance(shard, ExpertServicer) else ExpertServicer(
-        shard, max_message_bytes=max_message_bytes)
-    # so_reuseport off: a second server on a taken port must fail, not silently share it.
-    server = grpc.aio.server(options=channel_options(max_message_bytes) + [("grpc.so_reuseport", 0)])
+    servicer = shard if isinstance(shard, ExpertServicer) else ExpertServicer(shard)
+    if client_role:
+        servicer.client_role = client_role
+    server = grpc.aio.server(options=server_options(servicer.max_message_bytes))
+    forward_scan = {"max_fields": MAX_SEGMENTS + 3, "nested": {1: TENSOR_SCAN}}
+    small = {"max_fields": 16, "max_len": {f: 4096 for f in range(1, 9)}}
     server.add_registered_method_handlers(SERVICE_NAME, {
-        "Forward": _unary(servicer.Forward, expert_pb2.ForwardRequest, expert_pb2.ForwardReply),
-        "Info": _unary(servicer.Info, expert_pb2.InfoRequest, expert_pb2.InfoReply),
-        "Attach": _unary(servicer.Attach, expert_pb2.AttachRequest, expert_pb2.AttachReply),
-        "Detach": _unary(servicer.Detach, expert_pb2.DetachRequest, expert_pb2.DetachReply)})
+        "Forward": _unary(servicer, servicer.Forward, expert_pb2.ForwardRequest, expert_pb2.ForwardReply,
+                          forward_scan),
+        "Info": _unary(servicer, servicer.Info, expert_pb2.InfoRequest, expert_pb2.InfoReply, small),
+        "Attach": _unary(servicer, servicer.Attach, expert_pb2.AttachRequest, expert_pb2.AttachReply, small),
+        "Detach": _unary(servicer, servicer.Detach, expert_pb2.DetachRequest, expert_pb2.DetachReply, small)})
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -61,9 +61,9 @@ def decode(msg: common_pb2.Tensor, *, allowed_dtypes=FLOAT_DTYPES, max_elements:
     if msg.dtype not in DTYPES or msg.dtype not in allowed_dtypes:
         raise WireError(f"{name}: dtype {msg.dtype!r} is not accepted here; "
                         f"allowed: {', '.join(sorted(allowed_dtypes))}")
+    if len(msg.shape) > max_rank:  # before the shape is copied out
+        raise WireError(f"{name}: rank {len(msg.shape)} exceeds the limit of {max_rank}")
     shape = list(msg.shape)
-    if len(shape) > max_rank:
-        raise WireError(f"{name}: rank {len(shape)} exceeds the limit of {max_rank}")
     if expect_rank is not None and len(shape) != expect_rank:
         raise WireError(f"{name}: expected rank {expect_rank}, got shape {shape}")
     if any(d < 0 for d in shape):
@@ -99,6 +99,59 @@ def _frombuffer(data: bytes, word: torch.dtype) -> torch.Tensor:
         t = torch.frombuffer(data, dtype=word)
     _quiet = True
     return t
+
+
+def scan(data: bytes, *, max_fields: int, max_len: dict[int, int] | None = None,
+         nested: dict[int, dict] | None = None, name: str = "request") -> None:
+    """Walks a protobuf message's wire form before it is parsed, without allocating: more than
+    `max_fields` fields, a length-delimited field `f` longer than `max_len[f]`, or a field that
+    is not valid wire format raise WireError; `nested[f]` scans field f's contents the same way.
+    Parsing would otherwise build an object per repeated entry (a few bytes on the wire each)."""
+    max_len, nested = max_len or {}, nested or {}
+    data = data if isinstance(data, memoryview) else memoryview(data)  # slices without copies
+    i, n, fields = 0, len(data), 0
+
+    def varint() -> int:
+        nonlocal i
+        value = shift = 0
+        while True:
+            if i >= n or shift > 63:
+                raise WireError(f"request is not a valid {name} protobuf: truncated or overlong varint")
+            b = data[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            if b < 0x80:
+                return value
+            shift += 7
+    while i < n:
+        fields += 1
+        if fields > max_fields:
+            raise WireError(f"{name}: more than {max_fields} fields")
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            varint()
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            length = varint()
+            if i + length > n:
+                raise WireError(f"request is not a valid {name} protobuf: field {field} runs past its end")
+            if length > max_len.get(field, n):
+                raise WireError(f"{name}: field {field} of {length} bytes exceeds {max_len[field]}")
+            if field in nested:
+                scan(data[i:i + length], name=name, **nested[field])
+            i += length
+        else:
+            raise WireError(f"request is not a valid {name} protobuf: wire type {wire}")
+        if i > n:
+            raise WireError(f"request is not a valid {name} protobuf: field {field} runs past its end")
+
+
+# A moe.v1.Tensor: dtype, shape (packed, or one field per dimension), data.
+TENSOR_SCAN = {"max_fields": 3 + MAX_RANK, "max_len": {1: 16, 2: 10 * MAX_RANK}}
 
 
 def check_finite(t: torch.Tensor, name: str = "tensor") -> None:

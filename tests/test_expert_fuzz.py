@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from expert_service import doorbell, shared
+from expert_service import auth, doorbell, shared
 from expert_service.experts import ExpertShard, expert_ffn
 from expert_service.server import CHANNEL_OPTIONS, ExpertServicer, start_server
 from moe.v1 import common_pb2, expert_pb2, expert_pb2_grpc
@@ -40,7 +40,8 @@ def served(tmp_path_factory):
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     server, port = asyncio.run_coroutine_threadsafe(start_server(servicer), loop).result(30)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+    channel = grpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS),
+                                     auth.KeyInterceptor(servicer.key))
     yield state, servicer, channel
     channel.close()
     asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
@@ -164,54 +165,67 @@ def test_fuzzed_requests_are_refused_cleanly_then_valid_one_answers(served):
 
 
 def test_fuzzed_doorbell_frames_are_refused_cleanly_then_a_valid_call_answers(served):
-    """The doorbell of a same-node session: random bytes, random msgpack and near-valid frames get
-    INVALID_ARGUMENT (or OK when valid) and never break the server; a valid call answers after."""
+    """The doorbell of a same-node session: random bytes, random msgpack and near-valid frames, as
+    a connection's first frame (the Attach) and after a valid Attach, get INVALID_ARGUMENT (or
+    UNAUTHENTICATED, or OK when valid) and never break the server; a valid call answers after."""
     state, servicer, channel = served
     buffers = shared.create("shm", 8, H, torch.float32)
-    stub = expert_pb2_grpc.ExpertServiceStub(channel)
-    reply = stub.Attach(expert_pb2.AttachRequest(kind="shm", dtype="float32", capacity_rows=8, hidden_size=H,
-                                                 names=list(buffers.names)), timeout=10)
     buffers.x.copy_(torch.randn(8, H))
+    path = servicer.doorbell.path
 
-    def call(frame: bytes, name: str):
+    def read(s):
+        head = s.recv(4, socket.MSG_WAITALL)
+        if len(head) < 4:
+            return None
+        return msgpack.unpackb(s.recv(int.from_bytes(head, "big"), socket.MSG_WAITALL))
+
+    def attach_frame(key=servicer.key):
+        return doorbell.pack(["attach", key, "shm", "float32", 8, H, [], [], ""])
+
+    def call(frame: bytes, attached: bool):
         """[code, details] on a new connection, or None when the server closed it without one."""
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(10)
-            s.connect(name)
-            s.sendall(frame)
-            head = s.recv(4, socket.MSG_WAITALL)
-            if len(head) < 4:
-                return None
-            return msgpack.unpackb(s.recv(int.from_bytes(head, "big"), socket.MSG_WAITALL))
+            s.connect(path)
+            if attached:
+                socket.send_fds(s, [attach_frame()], list(buffers.fds))
+                assert read(s)[0] == 0
+                s.sendall(frame)
+            else:
+                socket.send_fds(s, [frame], list(buffers.fds))
+            out = read(s)
+            return out if out is None else out[:2]
 
     values = st.one_of(st.integers(-2, 2**33), st.text(max_size=8), st.none(), st.floats(), st.binary(max_size=8))
-    near = st.tuples(st.sampled_from([reply.session, "nope", ""]), st.integers(-1, 10),
+    near = st.tuples(st.integers(-1, 10),
                      st.lists(st.one_of(st.sampled_from([0, 1, 7, 2, 3, 8]), values), max_size=9)).map(list)
+    near_attach = st.tuples(st.just("attach"), st.sampled_from([servicer.key, "", "0" * 64]),
+                            st.sampled_from(["shm", "cuda_ipc", ""]), st.sampled_from(["float32", "int8"]),
+                            st.integers(-1, 1 << 20), st.sampled_from([H, H + 1, 0]), st.just([]), st.just([]),
+                            st.just("")).map(list)
     frames = st.one_of(
         st.binary(max_size=64).map(lambda b: len(b).to_bytes(4, "big") + b),   # not msgpack
         st.recursive(values, lambda c: st.lists(c, max_size=4), max_leaves=8).map(doorbell.pack),
-        near.map(doorbell.pack))
+        near.map(doorbell.pack), near_attach.map(doorbell.pack))
     seen = {}
+    allowed = {0, grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.UNAUTHENTICATED.value[0]}
 
     @settings(max_examples=300, **SETTINGS)
-    @given(frames)
-    def fuzz(frame):
-        out = call(frame, reply.doorbell)
+    @given(frames, st.booleans())
+    def fuzz(frame, attached):
+        out = call(frame, attached)
         kind = "closed" if out is None else out[0]
         seen[kind] = seen.get(kind, 0) + 1
         if out is not None:
             code, details = out
-            assert code in (0, grpc.StatusCode.INVALID_ARGUMENT.value[0]), out
+            assert code in allowed, out
             assert code == 0 or (details and "Traceback" not in details)
 
     try:
         fuzz()
         assert seen.get(grpc.StatusCode.INVALID_ARGUMENT.value[0], 0) >= 100, seen
-        # Closing a connection detaches its session: a valid call needs a fresh Attach.
-        again = stub.Attach(expert_pb2.AttachRequest(kind="shm", dtype="float32", capacity_rows=8, hidden_size=H,
-                                                     names=list(buffers.names)), timeout=10)
-        assert call(doorbell.pack([again.session, 3, [1, 7, 3]]), again.doorbell) == [0, ""]
+        assert call(doorbell.pack([3, [1, 7, 3]]), True) == [0, ""]
         want = reference(state, buffers.x[:3], [expert_pb2.Segment(layer=1, expert=7, rows=3)])
         torch.testing.assert_close(buffers.y[:3], want, rtol=1e-5, atol=1e-6)
     finally:
-        buffers.unlink()
+        buffers.close_fds()

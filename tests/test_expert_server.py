@@ -16,6 +16,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from expert_service import auth
 from expert_service.client import ExpertClient
 from expert_service.experts import ExpertShard, expert_ffn
 from expert_service.server import ExpertServicer, start_server
@@ -129,7 +130,7 @@ BAD = [
     (request(segments=((0, 0, 2**32 - 1), (0, 1, 5))), "segments cover 4294967300 rows"),
     (request(segments=((0, 2, 4),)), "does not serve layer 0 expert 2"),
     (request(segments=((7, 0, 4),)), "does not serve layer 7 expert 0"),
-    (request(segments=[(0, 0, 0)] * 5000), "5000 segments exceed the limit"),
+    (request(segments=[(0, 0, 0)] * 5000), "more than 4099 fields"),  # counted on the wire, before parsing
     (request(fill=float("nan")), "hidden: 256 of 256 values are NaN or infinite"),
     (request(fill=float("inf"), dtype="bfloat16", shape=(4, H)), "NaN or infinite"),
 ]
@@ -140,21 +141,22 @@ def test_bad_requests_are_invalid_argument(model):
 
     async def main():
         servicer, server, addr = await serving(path)
+        md = auth.call_metadata(servicer.key)
         async with grpc.aio.insecure_channel(addr) as channel:
             stub = expert_pb2_grpc.ExpertServiceStub(channel)
             for req, match in BAD:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await stub.Forward(req, timeout=5)
+                    await stub.Forward(req, timeout=5, metadata=md)
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
                 assert re.search(match, err.value.details()), err.value.details()
                 assert "Traceback" not in err.value.details()
             raw = channel.unary_unary("/moe.v1.ExpertService/Forward", request_serializer=bytes,
                                       response_deserializer=bytes)
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await raw(b"\x0a\xff\xff", timeout=5)  # not a protobuf at all
+                await raw(b"\x0a\xff\xff", timeout=5, metadata=md)  # not a protobuf at all
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "not a valid moe.v1.ForwardRequest" in err.value.details()
-            ok = await stub.Forward(request(fill=0.5), timeout=5)  # still serving
+            ok = await stub.Forward(request(fill=0.5), timeout=5, metadata=md)  # still serving
             assert list(ok.output.shape) == [4, H]
         await server.stop(None)
         assert servicer.calls == 1 and servicer.in_flight == 0

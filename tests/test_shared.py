@@ -7,8 +7,8 @@ import msgpack
 import pytest
 import torch
 
-from expert_service import doorbell, shared
-from expert_service.client import ExpertClient
+from expert_service import auth, doorbell, shared
+from expert_service.client import FALLBACKS, ExpertClient
 from expert_service.experts import ExpertShard
 from expert_service.server import ExpertServicer, start_server
 from moe.v1 import expert_pb2, expert_pb2_grpc
@@ -22,7 +22,7 @@ def _shard(H=32, I=48):
 
 
 def _ours():
-    return {f for f in os.listdir(shared.SHM_DIR) if f.startswith("moe-")}
+    return {f for f in os.listdir("/dev/shm") if f.startswith("moe-")}
 
 
 def test_shm_forward_equals_bytes_and_cleans_up():
@@ -41,47 +41,52 @@ def test_shm_forward_equals_bytes_and_cleans_up():
                 b = await fast.forward(x, segs, timeout=10)
                 assert torch.equal(a, b) and torch.equal(b, shard.forward(x, segs))
             assert fast.shared == "shm" and {b.kind for b in servicer.sessions.values()} == {"shm"}
-            assert _ours() == before  # mapped by both sides, the files were unlinked at once
-            assert all(s.doorbell is not None for s in fast._free)  # the envelope took the doorbell
+            assert _ours() == before  # memfds: nothing with a name anywhere
+            assert fast._free and all(not s.doorbell.closed for s in fast._free)
         finally:
             await fast.close()
             await plain.close()
             await server.stop(None)
+        for _ in range(100):  # closing the client's connections detaches its sessions
+            if not servicer.sessions:
+                break
+            await asyncio.sleep(0.02)
         return servicer
     servicer = run(go())
     assert not servicer.sessions and _ours() == before
 
 
-@pytest.mark.parametrize("names,msg", [
-    (["../../etc/passwd", "moe-1-" + "0" * 32], "not one this service created"),
-    (["moe-1-" + "a" * 32, "moe-1-" + "b" * 32], "missing"),
-])
-def test_attach_refuses_bad_segments(names, msg):
+def test_grpc_attach_and_session_forwards_are_refused():
+    """No buffer is opened by a name a client supplies: sessions attach over the doorbell only."""
     async def go():
-        server, port = await start_server(ExpertServicer(_shard()))
+        servicer = ExpertServicer(_shard())
+        server, port = await start_server(servicer)
+        md = auth.call_metadata(servicer.key)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                 stub = expert_pb2_grpc.ExpertServiceStub(ch)
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await stub.Attach(expert_pb2.AttachRequest(kind="shm", dtype="float32", capacity_rows=4,
-                                                               hidden_size=32, names=names), timeout=5)
-                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and msg in e.value.details()
+                                                               hidden_size=32, names=["moe-1-" + "0" * 32] * 2),
+                                      timeout=5, metadata=md)
+                assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "doorbell" in e.value.details()
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await stub.Forward(expert_pb2.ForwardRequest(session="nope", rows=1,
-                                                                 segments=[expert_pb2.Segment(rows=1)]), timeout=5)
-                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown session" in e.value.details()
+                                                                 segments=[expert_pb2.Segment(rows=1)]),
+                                       timeout=5, metadata=md)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "doorbell" in e.value.details()
         finally:
             await server.stop(None)
+            servicer.close()
     run(go())
 
 
-async def _attached(port):
-    """A raw shm session and its doorbell name, attached through gRPC like the client does."""
-    b = shared.create("shm", 8, 32, torch.float32)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        reply = await expert_pb2_grpc.ExpertServiceStub(ch).Attach(expert_pb2.AttachRequest(
-            kind="shm", dtype="float32", capacity_rows=8, hidden_size=32, names=list(b.names)), timeout=5)
-    return b, reply
+async def _attached(servicer, capacity=8, hidden=32, key=None, buffers=None):
+    """A raw shm session on its own doorbell connection, attached like the client does."""
+    b = buffers or shared.create("shm", capacity, hidden, torch.float32)
+    bell = await doorbell.Doorbell.attach(servicer.doorbell.path, key or servicer.key, b, dtype="float32", timeout=5)
+    b.close_fds()
+    return b, bell
 
 
 async def _call(reader, writer, frame: bytes):
@@ -98,77 +103,50 @@ def test_doorbell_answers_bad_frames_and_detaches_on_close():
     async def go():
         servicer = ExpertServicer(shard)
         server, port = await start_server(servicer)
-        b, reply = await _attached(port)
+        b, bell = await _attached(servicer)
         try:
-            assert reply.doorbell and reply.session in servicer.sessions
-            reader, writer = await asyncio.open_unix_connection(reply.doorbell)
+            assert bell.session in servicer.sessions
+            reader, writer = bell.reader, bell.writer
             x = torch.randn(5, 32)
             b.x[:5] = x
-            ok = doorbell.pack([reply.session, 5, [0, 1, 5]])
+            ok = doorbell.pack([5, [0, 1, 5]])
             assert await _call(reader, writer, ok) == [0, ""]
             assert torch.equal(b.y[:5], shard.forward(x, [(0, 1, 5)]))
             # Bad input in a well-formed frame: a named error, and the connection stays usable.
-            for frame, msg in [([reply.session, 9, [0, 1, 9]], "exceed the session's 8"),
-                               ([reply.session, 5, [0, 7, 5]], "does not serve layer 0 expert 7"),
-                               ([reply.session, 5, [0, 1, 4]], "segments cover 4 rows")]:
+            for frame, msg in [([9, [0, 1, 9]], "exceed the session's 8"),
+                               ([5, [0, 7, 5]], "does not serve layer 0 expert 7"),
+                               ([5, [0, 1, 4]], "segments cover 4 rows")]:
                 code, details = await _call(reader, writer, doorbell.pack(frame))
                 assert code == INVALID and msg in details, (frame, details)
             b.x[0, 0] = float("nan")
             code, details = await _call(reader, writer, ok)
             assert code == INVALID and "NaN or infinite" in details
             assert servicer.calls == 1
-            r1, w1 = await asyncio.open_unix_connection(reply.doorbell)
-            code, details = await _call(r1, w1, doorbell.pack(["nope", 1, [0, 0, 1]]))
-            assert code == INVALID and "unknown session" in details
-            w1.close()
-            # A frame that is not [session, rows, segments]: named, then the connection is closed.
-            for frame in [msgpack.packb({"a": 1}), b"\xc1", msgpack.packb([reply.session, -1, []]),
-                          msgpack.packb([reply.session, 1, [0, 0]])]:
-                r2, w2 = await asyncio.open_unix_connection(reply.doorbell)
-                code, details = await _call(r2, w2, doorbell._LEN.pack(len(frame)) + frame)
+            # A frame that is not [rows, segments], or too large: named, then the connection is closed.
+            for frame in [msgpack.packb({"a": 1}), b"\xc1", msgpack.packb([-1, []]), msgpack.packb([1, [0, 0]]),
+                          None]:
+                b2, bell2 = await _attached(servicer)
+                data = (doorbell._LEN.pack(len(frame)) + frame if frame is not None
+                        else doorbell._LEN.pack(servicer.doorbell.max_frame + 1))
+                code, details = await _call(bell2.reader, bell2.writer, data)
                 assert code == INVALID and details
-                assert await r2.read() == b""
-                w2.close()
-            r3, w3 = await asyncio.open_unix_connection(reply.doorbell)  # a frame too large to read
-            w3.write(doorbell._LEN.pack(doorbell.MAX_FRAME + 1))
-            code, details = await asyncio.wait_for(doorbell.read_frame(r3), 5)
-            assert code == INVALID and "exceeds" in details
-            w3.close()
-            assert reply.session in servicer.sessions
-            writer.close()  # the session's own connection: closing it detaches the session
+                assert await bell2.reader.read() == b""
+                bell2.close()
+            assert bell.session in servicer.sessions
+            bell.close()  # the session's own connection: closing it detaches the session
             for _ in range(100):
-                if reply.session not in servicer.sessions:
+                if bell.session not in servicer.sessions:
                     break
                 await asyncio.sleep(0.02)
-            assert reply.session not in servicer.sessions
+            assert bell.session not in servicer.sessions
         finally:
-            b.unlink()
-            await server.stop(None)
-            servicer.close()
-    run(go())
-
-
-def test_doorbell_refuses_a_second_session_on_one_connection():
-    async def go():
-        servicer = ExpertServicer(_shard())
-        server, port = await start_server(servicer)
-        (b1, r1), (b2, r2) = await _attached(port), await _attached(port)
-        try:
-            reader, writer = await asyncio.open_unix_connection(r1.doorbell)
-            assert (await _call(reader, writer, doorbell.pack([r1.session, 1, [0, 0, 1]])))[0] == 0
-            code, details = await _call(reader, writer, doorbell.pack([r2.session, 1, [0, 0, 1]]))
-            assert code == INVALID and "one session" in details
-            writer.close()
-        finally:
-            b1.unlink()
-            b2.unlink()
             await server.stop(None)
             servicer.close()
     run(go())
 
 
 @pytest.mark.parametrize("reachable", [True, False])
-def test_a_cancelled_call_drops_its_session_and_an_unreachable_doorbell_falls_back_to_grpc(reachable):
+def test_a_cancelled_call_drops_its_session_and_an_unreachable_doorbell_falls_back_to_bytes(reachable):
     shard = _shard()
 
     async def go():
@@ -176,11 +154,16 @@ def test_a_cancelled_call_drops_its_session_and_an_unreachable_doorbell_falls_ba
         server, port = await start_server(servicer)
         if not reachable:
             servicer.doorbell.path = "\0moe-doorbell-nobody-listens"
+            before = dict(FALLBACKS)
         client = ExpertClient(f"127.0.0.1:{port}", shared="shm")
         try:
             x = torch.randn(6, 32)
             assert torch.equal(await client.forward(x, [(0, 2, 6)], timeout=10), shard.forward(x, [(0, 2, 6)]))
-            assert client.shared == "shm" and [s.doorbell is not None for s in client._free] == [reachable]
+            if not reachable:  # bytes for good, logged once and counted
+                assert client.shared is None and not client._free
+                assert FALLBACKS["unreachable"] == before.get("unreachable", 0) + 1
+                return
+            assert client.shared == "shm" and len(client._free) == 1
             stale = client._free[0]
             slow = servicer._run
 
@@ -221,7 +204,7 @@ def test_doorbell_works_under_uvloop():
         try:
             x = torch.randn(5, 32)
             assert torch.equal(await client.forward(x, [(0, 1, 5)], timeout=10), shard.forward(x, [(0, 1, 5)]))
-            assert [s.doorbell is not None for s in client._free] == [True]
+            assert len(client._free) == 1
         finally:
             await client.close()
             await server.stop(None)
@@ -272,22 +255,3 @@ def test_a_silent_doorbell_call_probes_the_replica(alive, monkeypatch):
     else:
         assert error.code() == grpc.StatusCode.UNAVAILABLE and "stopped answering" in error.details()
         assert seconds < 1.2 and probes == 1
-
-
-def test_sweep_unlinks_only_the_files_of_processes_that_are_gone():
-    import subprocess
-    import sys
-    import uuid
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    names = {"dead": f"moe-{int(gone.stdout)}-{uuid.uuid4().hex}", "ours": f"moe-{os.getpid()}-{uuid.uuid4().hex}",
-             "other": f"moe-x-{uuid.uuid4().hex}"}
-    for n in names.values():
-        open(os.path.join(shared.SHM_DIR, n), "wb").close()
-    try:
-        shared.sweep()
-        left = set(os.listdir(shared.SHM_DIR))
-        assert names["dead"] not in left and {names["ours"], names["other"]} <= left
-    finally:
-        for n in names.values():
-            if os.path.exists(os.path.join(shared.SHM_DIR, n)):
-                os.unlink(os.path.join(shared.SHM_DIR, n))

@@ -78,7 +78,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("served", "hidden_size", "dtype", "device", "calls", "rows", "in_flight")
+    __slots__ = ("served", "hidden_size", "dtype", "device", "calls", "rows", "in_flight", "doorbell")
     SERVED_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class InfoReply(_message.Message):
     CALLS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    DOORBELL_FIELD_NUMBER: _ClassVar[int]
     served: _containers.RepeatedCompositeFieldContainer[_common_pb2.ExpertKey]
     hidden_size: int
     dtype: str
@@ -93,4 +94,5 @@ class InfoReply(_message.Message):
     calls: int
     rows: int
     in_flight: int
-    def __init__(self, served: _Optional[_Iterable[_Union[_common_pb2.ExpertKey, _Mapping]]] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., calls: _Optional[int] = ..., rows: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    doorbell: str
+    def __init__(self, served: _Optional[_Iterable[_Union[_common_pb2.ExpertKey, _Mapping]]] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., calls: _Optional[int] = ..., rows: _Optional[int] = ..., in_flight: _Optional[int] = ..., doorbell: _Optional[str] = ...) -> None: ...
