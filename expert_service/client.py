@@ -149,7 +149,9 @@ class ExpertClient:
         except OSError as e:  # another network namespace
             self._fall_back("unreachable", f"its doorbell cannot be reached ({e})", for_good=True)
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # Full, or closed on us (a replica at its connection cap may close before its answer is
+            # read): bytes for a while; a replica that is really gone fails the bytes call too.
+            if e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
                 self._shared_after = time.monotonic() + RETRY_SHARED_S
                 self._fall_back("full", e.details())
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:

@@ -284,6 +284,15 @@ class DoorbellServer:
 
 
 def _send_quietly(conn: socket.socket, data: bytes) -> None:
+    """Answers a refused connection. What it sent is read first (its descriptors closed): closing
+    a Unix socket with unread data resets the peer, which would lose the answer."""
+    try:
+        while True:
+            _, fds, _, _ = socket.recv_fds(conn, 1 << 16, MAX_FDS)
+            for fd in fds:
+                os.close(fd)
+    except OSError:
+        pass
     try:
         conn.send(data)
     except OSError:
@@ -335,7 +344,10 @@ class Doorbell:
                           list(buffers.handles) if buffers.kind == "cuda_ipc" else [],
                           list(buffers.events) if buffers.kind == "cuda_ipc" else [], buffers.device_uuid])
             sock.setblocking(True)  # a small frame into an empty local socket: does not wait
-            socket.send_fds(sock, [frame], list(buffers.fds))
+            try:
+                socket.send_fds(sock, [frame], list(buffers.fds))
+            except OSError:  # refused and closed at once (a replica at its connection cap)
+                raise _error(grpc.StatusCode.UNAVAILABLE, "expert replica closed its doorbell") from None
             sock.setblocking(False)
             reader, writer = await asyncio.open_unix_connection(sock=sock)
         except BaseException:

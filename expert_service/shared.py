@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 import msgpack
 import torch
 
-from moe_core.codec import DTYPES
+from moe_core.codec import DTYPES, WireError
 
 MAX_BUFFER_BYTES = 1 << 31
 CUDA_IPC_HANDLE_BYTES = 64  # cudaIpcMemHandle_t and cudaIpcEventHandle_t
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
-class SharedError(ValueError):
+class SharedError(WireError):
     """A bad attach request; the message names the problem."""
 
 
