@@ -54,18 +54,25 @@ def expert_tls(pki, **override):
 
 # -- no Ray -------------------------------------------------------------------------------------
 
-def test_expert_mtls_refuses_clients_without_a_certificate(pki, tiny_model):
+def test_expert_mtls_refuses_clients_without_a_router_certificate(pki, tiny_model):
     tls = expert_tls(pki)
     pairs = all_pairs(Checkpoint(tiny_model).config)
     shard = ExpertShard.load(Checkpoint(tiny_model), pairs)
     x = torch.randn(6, 64)
 
     async def go():
-        server, port = await start_server(shard, credentials=server_credentials(tls))
+        server, port = await start_server(shard, credentials=server_credentials(tls), client_role="moe-router")
         address = f"127.0.0.1:{port}"
         options = client.OPTIONS + security.expert_channel_options(tls)
         try:
             outcomes = {}
+            # a certificate the same CA signed for another role (the gateway's) is not a router's
+            gateway_cert, gateway_key = pki["gateway"]
+            async with ExpertClient(address, options=options, credentials=security.expert_channel_credentials(
+                    tls | {"client_cert": gateway_cert, "client_key": gateway_key})) as c:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await c.info(timeout=10)
+                assert e.value.code() == UNAUTHENTICATED and "'moe-router' certificate" in e.value.details()
             stranger_cert, stranger_key = pki["stranger_client"]
             for who, creds in {
                 "plaintext": None,
