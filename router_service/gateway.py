@@ -106,6 +106,7 @@ def _fail(ctx, e: BaseException):
 # Replica states in which a router replica takes calls.
 LIVE_STATES = ("RUNNING", "PENDING_MIGRATION")
 ROUTER_GRACE_S = 1.0
+HEALTH_TTL_S = 1.0  # health Checks are answered from a state at most this old (plus one look's time)
 MAX_RESUMES = 3  # generations moved to another router replica, per request
 
 
@@ -124,6 +125,10 @@ class Gateway:
         self.router_replicas: int | None = None  # unknown until the watcher's first look
         self._watcher: asyncio.Task | None = None
         self.resumed = 0  # generations moved to another router replica after theirs died
+        # Health from a cached state: a flood of (unauthenticated) Checks costs one router call a second.
+        self._serving: bool | None = None
+        self._serving_at = 0.0
+        self._health_look: asyncio.Task | None = None
         log.info("gateway: bearer tokens %s, TLS %s", "required" if self.tokens else "off",
                  "required" if require_tls else "optional")
 
@@ -288,20 +293,29 @@ class Gateway:
         return stats_reply(s)
 
     async def Check(self, request, grpc_context) -> health_pb2.HealthCheckResponse:
-        """grpc.health.v1: SERVING once every expert shard has a live replica. Needs no token (probes
-        send none) and tells nothing but SERVING or not."""
+        """grpc.health.v1: SERVING once every expert shard has a live replica, from a state at most
+        HEALTH_TTL_S old. Needs no token (probes send none) and tells nothing but SERVING or not."""
         try:
             if isinstance(request, (bytes, bytearray)):
                 validation.parse(bytes(request), health_pb2.HealthCheckRequest, self.max_request_bytes)
         except Exception as e:
             _fail(grpc_context, e)
+        loop = asyncio.get_running_loop()
+        if (self._health_look is None or self._health_look.done()) and loop.time() - self._serving_at >= HEALTH_TTL_S:
+            self._health_look = loop.create_task(self._look_health())
+        if self._serving is None:  # nothing known yet: this Check waits for the first look
+            await asyncio.shield(self._health_look)
+        status = health_pb2.HealthCheckResponse.SERVING if self._serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def _look_health(self) -> None:
+        """Asks the router whether every expert shard has a live replica (one look for all Checks)."""
         try:
             ready = await self._unary(self.router.ready.remote(), min(self.router_wait_s, 4.0))
         except Exception:
             ready = {"router": 0}
-        serving = all(n > 0 for n in ready.values())
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        return health_pb2.HealthCheckResponse(status=status)
+        self._serving = all(n > 0 for n in ready.values())
+        self._serving_at = asyncio.get_running_loop().time()
 
     async def Watch(self, request, grpc_context):
         yield await self.Check(request, grpc_context)
