@@ -186,9 +186,7 @@ def up(*, model: str | None, port: int = 9000, config: str | None = None, num_cp
         _write_state(state)  # `down` stops it even if this process dies before the end
     else:
         progress(f"joining the Ray cluster at {os.environ.get('RAY_ADDRESS') or 'this machine'}")
-    with _quiet(not verbose):
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE, log_to_driver=verbose,
-                 logging_level=logging.INFO if verbose else logging.ERROR)
+    _connect(verbose)
     running = False
     try:
         with _quiet(not verbose):
@@ -199,11 +197,14 @@ def up(*, model: str | None, port: int = 9000, config: str | None = None, num_cp
             new = Path(cfg["applications"][0]["args"]["model"]).name
             progress(f"replacing {Path(state.get('model', '?')).name} with {new}" if running else f"deploying {new}")
             address = deploy(cfg, wait_s=wait_s, progress=progress)
-    except BaseException:
-        with _quiet(not verbose):
-            _stop(started_ray=started, app=not running, progress=progress)
+    except BaseException:  # take down what this call started
+        if started or not running:
+            with _quiet(not verbose):
+                _remove_app()
         ray.shutdown()
         if started:
+            progress("stopping the Ray cluster this `up` started")
+            _ray_stop()
             STATE_FILE.unlink(missing_ok=True)
         raise
     ray.shutdown()
@@ -217,33 +218,37 @@ def down(*, verbose: bool = False, progress=None) -> dict:
     state = _read_state()
     removed = False
     if os.environ.get("RAY_ADDRESS") or state.get("started_ray") or _local_cluster_running():
+        _connect(verbose)
+        progress("removing the application")
         with _quiet(not verbose):
-            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE, log_to_driver=verbose,
-                     logging_level=logging.INFO if verbose else logging.ERROR)
-            progress("removing the application")
-            _stop(started_ray=False, app=True, progress=progress)
-            ray.shutdown()
+            _remove_app()
+        ray.shutdown()
         removed = True
     stopped = False
     if state.get("started_ray"):
         progress("stopping the local Ray cluster")
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop"], capture_output=True)
+        _ray_stop()
         stopped = True
     STATE_FILE.unlink(missing_ok=True)
     return {"removed_app": removed, "stopped_ray": stopped}
 
 
-def _stop(*, started_ray: bool, app: bool, progress) -> None:
-    """Takes down what an `up` started: the application (and Serve with it), the local cluster."""
-    if app or started_ray:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        with contextlib.suppress(Exception):
-            kill_directory()
-    if started_ray:
-        progress("stopping the Ray cluster this `up` started")
-        ray.shutdown()
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop"], capture_output=True)
+def _connect(verbose: bool) -> None:
+    with _quiet(not verbose):
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE, log_to_driver=verbose,
+                 logging_level=logging.INFO if verbose else logging.ERROR)
+
+
+def _remove_app() -> None:
+    """The application (and Serve with it) and the expert directory, whatever state they are in."""
+    with contextlib.suppress(Exception):
+        serve.shutdown()
+    with contextlib.suppress(Exception):
+        kill_directory()
+
+
+def _ray_stop() -> None:
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop"], capture_output=True)
 
 
 def _serve_running() -> bool:

@@ -46,10 +46,14 @@ def test_route_weights_sum_to_one_and_pick_largest():
     assert torch.equal(idx.sort(-1).values, probs.topk(2).indices.sort(-1).values)
 
 
+def in_process(model_dir):
+    """(config, dense weights, in-process dispatcher) of a checkpoint."""
+    ckpt = Checkpoint(model_dir)
+    return ckpt.config, model.DenseWeights.load(ckpt), InProcessDispatcher(ExpertShard.load(ckpt, all_pairs(ckpt.config)))
+
+
 def test_incremental_decode_equals_full_recompute(tiny_model):
-    ckpt = Checkpoint(tiny_model)
-    cfg, w = ckpt.config, model.DenseWeights.load(ckpt)
-    disp = InProcessDispatcher(ExpertShard.load(ckpt, all_pairs(cfg)))
+    cfg, w, disp = in_process(tiny_model)
     ids = torch.randint(0, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(2))
     pool = model.KVPool(cfg, 3, 32)
 
@@ -63,9 +67,7 @@ def test_incremental_decode_equals_full_recompute(tiny_model):
 
 
 def test_chunked_prompt_equals_whole(tiny_model):
-    ckpt = Checkpoint(tiny_model)
-    cfg, w = ckpt.config, model.DenseWeights.load(ckpt)
-    disp = InProcessDispatcher(ExpertShard.load(ckpt, all_pairs(cfg)))
+    cfg, w, disp = in_process(tiny_model)
     ids = torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(4))
     pool = model.KVPool(cfg, 2, 64)
     whole = run(model.forward(cfg, w, pool, ids, [model.Segment(0, 0, 40)], disp))
