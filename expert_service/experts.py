@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from moe_core.checkpoint import Checkpoint, expert_keys, expert_shapes
 from moe_core.config import MoEConfig
+from moe_core.staging import Staging
 
 
 def expert_ffn(x_TH: torch.Tensor, w1_IH: torch.Tensor, w2_HI: torch.Tensor, w3_IH: torch.Tensor) -> torch.Tensor:
@@ -56,14 +57,22 @@ def default_act(device, dtype: torch.dtype, intermediate: int):
 class ExpertShard:
     """The (layer, expert) FFNs one replica serves, and nothing else.
 
-    w1 and w3 are kept stacked as w13 [2I, H]; `weights` exposes (w1, w2, w3) as views of it. The
-    experts run one after another: one grouped GEMM over them was slower on an H200 at every size
-    measured (benchmarks/expert_math.py).
+    w1 and w3 are kept stacked as w13 [2I, H], and the experts of a layer side by side in one tensor
+    ([E, 2I, H] and [E, H, I]); `fused` and `weights` expose each expert's as views of them. The
+    experts run one after another when their row counts are on the host (one grouped GEMM was slower
+    on an H200 at every size measured, benchmarks/expert_math.py); `grouped` runs a layer's from row
+    counts on the device, with no host wait.
     """
 
     def __init__(self, weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], act=swiglu):
         self.act = act
-        self.fused = {k: (torch.cat([w1, w3]), w2) for k, (w1, w2, w3) in weights.items()}
+        self.stacked: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]] = {}  # layer: (experts, w13_E2IH, w2_EHI)
+        for layer in sorted({L for L, _ in weights}):
+            experts = sorted(e for L, e in weights if L == layer)
+            w13 = torch.stack([torch.cat([weights[layer, e][0], weights[layer, e][2]]) for e in experts])
+            self.stacked[layer] = (experts, w13, torch.stack([weights[layer, e][1] for e in experts]))
+        self.fused = {(L, e): (w13[i], w2[i]) for L, (experts, w13, w2) in self.stacked.items()
+                      for i, e in enumerate(experts)}
         self.weights = {k: (w13[:w13.shape[0] // 2], w2, w13[w13.shape[0] // 2:]) for k, (w13, w2) in self.fused.items()}
 
     @classmethod
@@ -71,7 +80,8 @@ class ExpertShard:
         """`act` defaults to default_act(device)."""
         pairs = sorted(set(pairs))
         tensors = ckpt.load(expert_shapes(ckpt.config, pairs), dtype=dtype, desc="loading experts")
-        return cls({(L, E): tuple(tensors[k].to(device) for k in expert_keys(L, E)) for L, E in pairs},
+        stage = Staging()  # to a GPU through pinned memory (pageable copies are slow there)
+        return cls({(L, E): tuple(stage.to_device(tensors.pop(k), device) for k in expert_keys(L, E)) for L, E in pairs},
                    act=act or default_act(device, dtype, ckpt.config.intermediate_size))
 
     @classmethod
@@ -93,3 +103,20 @@ class ExpertShard:
                           act=self.act)
             start += rows
         return out_TH
+
+    def can_group(self, layer: int, n_experts: int) -> bool:
+        """Whether `grouped` serves this layer: every one of its experts here, on a GPU in bfloat16
+        (torch's grouped GEMM reads the row counts on the device only there), rows 16-byte aligned."""
+        entry = self.stacked.get(layer)
+        if entry is None or entry[0] != list(range(n_experts)):
+            return False
+        w13 = entry[1]
+        return w13.is_cuda and w13.dtype == torch.bfloat16 and w13.shape[-1] % 8 == 0 and w13.shape[1] % 16 == 0
+
+    def grouped(self, layer: int, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """A whole layer's experts over rows grouped by expert, `counts_E` rows each (a device tensor):
+        one grouped GEMM up, one down, no host wait (CUDA-graph capturable)."""
+        _, w13_E2IH, w2_EHI = self.stacked[layer]
+        offs_E = counts_E.cumsum(0).to(torch.int32)
+        gate_NI, up_NI = torch._grouped_mm(x_NH, w13_E2IH.transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
+        return torch._grouped_mm(self.act(gate_NI, up_NI), w2_EHI.transpose(1, 2), offs=offs_E)  # [N, H]

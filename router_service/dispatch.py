@@ -28,6 +28,13 @@ class InProcessDispatcher:
     async def run_experts(self, layer: int, x_NH: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
         return self.shard.forward(x_NH, [(layer, e, n) for e, n in enumerate(counts_E)])
 
+    def on_device(self, n_layers: int, n_experts: int):
+        """`experts(layer, x_NH, counts_E)` with the counts a device tensor (no host wait, so a CUDA
+        graph can hold the whole step), or None where the shard cannot run them that way."""
+        if all(self.shard.can_group(L, n_experts) for L in range(n_layers)):
+            return self.shard.grouped
+        return None
+
 
 def split_by_shard(layer: int, counts_E: list[int], shard_of: dict[tuple[int, int], str]):
     """Yields (shard, row_ranges, segments) for every shard that gets rows in this layer.

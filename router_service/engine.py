@@ -20,6 +20,7 @@ import torch
 from moe_core.config import MoEConfig
 from moe_core.staging import Staging
 from router_service import model
+from router_service.graphs import DecodeGraphs
 from router_service.dispatch import STEP_DEADLINE
 from router_service.sampling import SamplingParams, sample
 
@@ -32,11 +33,22 @@ class RouteStats:
     """Tokens routed to each (layer, expert) since start."""
 
     def __init__(self, cfg: MoEConfig):
-        self.counts = np.zeros((cfg.n_layers, cfg.n_experts), dtype=np.int64)
+        self._counts = np.zeros((cfg.n_layers, cfg.n_experts), dtype=np.int64)
+        self._on_device: torch.Tensor | None = None  # what CUDA-graph steps counted, read back on demand
         self.tokens = 0
 
     def record(self, layer: int, counts_E: list[int]) -> None:
-        self.counts[layer] += counts_E
+        self._counts[layer] += counts_E
+
+    def record_all(self, counts_LE: torch.Tensor) -> None:
+        """Every layer's counts at once, left on their device (no host wait)."""
+        self._on_device = counts_LE.clone() if self._on_device is None else self._on_device.add_(counts_LE)
+
+    @property
+    def counts(self) -> np.ndarray:
+        if self._on_device is None:
+            return self._counts
+        return self._counts + self._on_device.cpu().numpy()
 
 
 @dataclass
@@ -59,14 +71,16 @@ class Engine:
     def __init__(self, cfg: MoEConfig, weights: model.DenseWeights, dispatcher, *, device=None,
                  max_running: int = 64, max_queued: int = 256, max_step_tokens: int = 8192,
                  micro_batches: int = 1, max_seq_len: int | None = None, kv_tokens: int | None = None,
-                 kv_memory_fraction: float | None = None):
+                 kv_memory_fraction: float | None = None, cuda_graphs: bool = True):
         """`device` (default: the weights') holds the weights, the KV pool and every step's tensors;
         logits come back to the CPU in float32 for sampling, so seeded results do not depend on it.
 
         The KV pool is allocated here, once: slots of `max_seq_len` positions (default the model's
         context), as many as `kv_tokens` positions hold, or as fit in `kv_memory_fraction` of the
         device's free memory, or else `max_running`. A step runs at most `max_step_tokens` tokens:
-        longer prompts are prefilled in chunks over several steps while decodes go on."""
+        longer prompts are prefilled in chunks over several steps while decodes go on.
+
+        On a GPU, decode steps replay CUDA graphs (`graphs.DecodeGraphs`) unless `cuda_graphs` is off."""
         self.cfg, self.dispatcher = cfg, dispatcher
         self.device = weights.device if device is None else torch.device(device)
         self.weights = weights.to(self.device)
@@ -81,6 +95,8 @@ class Engine:
         if n_slots < 1:
             raise ValueError(f"the KV budget holds no sequence of {self.max_seq_len} positions")
         self.pool = model.KVPool(cfg, n_slots, self.max_seq_len, self.weights.dtype, self.device)
+        self.graphs = DecodeGraphs(cfg, self.weights, self.pool, dispatcher) \
+            if cuda_graphs and self.device.type == "cuda" else None
         self._staging = Staging()  # pinned host memory for the logits (pageable GPU copies are slow)
         self.max_running, self.max_queued, self.max_step_tokens = max_running, max_queued, max_step_tokens
         self.micro_batches = micro_batches
@@ -249,7 +265,10 @@ class Engine:
         # Micro-batches run as concurrent coroutines: while one waits for its experts, the next
         # runs its attention (ping-pong overlap). Sequences are independent, so results are the same.
         groups = _split(self._plan(batch), self.micro_batches)
-        outs = await asyncio.gather(*(self._forward(g) for g in groups))
+        if self.graphs is not None and len(groups) == 1 and all(n == 1 for _, n in groups[0]):
+            outs = [await self._decode(groups[0])]  # alone: its free slots' rows write position 0 of free slots
+        else:
+            outs = await asyncio.gather(*(self._forward(g) for g in groups))
         for group, (segments, h_TH) in zip(groups, outs):
             self._emit(group, segments, h_TH)
 
@@ -265,11 +284,25 @@ class Engine:
         self.stats.tokens += len(tokens)
         return segments, h_TH
 
+    async def _decode(self, group: list[tuple[_Sequence, int]]):
+        """A step of one token per sequence, from the decode graphs."""
+        h_TH, counts_LE = await self.graphs.step([s.tokens[s.cached] for s, _ in group],
+                                                 [s.cached for s, _ in group], [s.slot for s, _ in group])
+        self.stats.record_all(counts_LE)
+        for s, _ in group:
+            s.cached += 1
+        self.stats.tokens += len(group)
+        return [model.Segment(s.slot, s.cached - 1, 1) for s, _ in group], h_TH
+
     def _emit(self, group: list[tuple[_Sequence, int]], segments: list[model.Segment], h_TH: torch.Tensor):
         ends = list(itertools.accumulate(seg.length for seg in segments))
-        # One lm_head GEMM over every sequence's last position, one copy to the CPU: [B, V]
-        logits_BV = self._to_cpu(model.logits(self.weights, h_TH[[end - 1 for end in ends]]))
-        greedy_B = logits_BV.argmax(-1).tolist()  # one argmax for every greedy sequence of the step
+        # One lm_head GEMM over every sequence's last position, one argmax on its device for the greedy
+        # ones; only the sampled sequences' logits come to the CPU.
+        last_BH = h_TH if len(ends) == h_TH.shape[0] else h_TH[[end - 1 for end in ends]]
+        logits_BV = model.logits(self.weights, last_BH)
+        greedy_B = self._staging.to_host(logits_BV.argmax(-1)).tolist()
+        sampled = [b for b, (s, _) in enumerate(group) if s.params is not None and s.params.temperature != 0]
+        sampled_logits = dict(zip(sampled, self._to_cpu(logits_BV[sampled]))) if sampled else {}
         for b, ((s, _), seg, end) in enumerate(zip(group, segments, ends)):
             if s.done:
                 continue
@@ -282,7 +315,7 @@ class Engine:
             if s.cached < len(s.tokens):
                 continue  # a prompt's chunk before its last: no token yet
             try:
-                tok = greedy_B[b] if s.params.temperature == 0 else sample(logits_BV[b], s.params, s.generator)
+                tok = greedy_B[b] if s.params.temperature == 0 else sample(sampled_logits[b], s.params, s.generator)
             except Exception as e:  # one sequence's sampling fault must not fail its neighbours
                 self._end(s, e)
                 continue

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from moe_core.checkpoint import Checkpoint, dense_shapes
 from moe_core.config import MoEConfig
+from moe_core.staging import Staging
 
 
 @dataclass
@@ -52,7 +53,8 @@ class DenseWeights:
     @classmethod
     def load(cls, ckpt: Checkpoint, dtype=torch.float32, device="cpu") -> DenseWeights:
         state = ckpt.load(dense_shapes(ckpt.config), dtype=dtype, desc="loading router")
-        return cls.from_state(ckpt.config, state).to(device)
+        stage = Staging()  # to a GPU through pinned memory (pageable copies are slow there)
+        return cls.from_state(ckpt.config, {k: stage.to_device(t, device) for k, t in state.items()})
 
     def to(self, device=None, dtype=None) -> DenseWeights:
         """These weights on `device` in `dtype` (tensors already there are not copied); a tied
@@ -147,9 +149,10 @@ class _MetaStaging:
     def __init__(self):
         self.bufs, self.events, self.turn = [None, None], [None, None], 0
 
-    def to_device(self, host_I: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def to_device(self, host_I: torch.Tensor, device: torch.device, out_I: torch.Tensor | None = None) -> torch.Tensor:
+        """host_I on `device` (in out_I when given)."""
         if device.type != "cuda":
-            return host_I.to(device)
+            return host_I.to(device) if out_I is None else out_I.copy_(host_I)
         i = self.turn = 1 - self.turn
         if self.events[i] is not None:
             self.events[i].synchronize()
@@ -157,7 +160,7 @@ class _MetaStaging:
             self.bufs[i] = torch.empty(max(host_I.numel(), 4096), dtype=torch.int64, pin_memory=True)
         buf = self.bufs[i][:host_I.numel()]
         buf.copy_(host_I)
-        out = buf.to(device, non_blocking=True)
+        out = buf.to(device, non_blocking=True) if out_I is None else out_I.copy_(buf, non_blocking=True)
         self.events[i] = torch.cuda.Event()
         self.events[i].record()
         return out
@@ -190,6 +193,17 @@ def plan_step(cfg: MoEConfig, pool: KVPool, tokens: list[int], segments: list[Se
         mask = _causal(cfg, pos_R[:, None], torch.arange(S, device=device)[None, :])[:, None, None, :]
     return Step(tokens_T, pos_T, slot_T, cos_TD.to(dtype), sin_TD.to(dtype), prompts,
                 rows_B if decodes else None, slots_B if decodes else None, mask, B == T)
+
+
+def decode_step(cfg: MoEConfig, tokens_R: torch.Tensor, pos_R: torch.Tensor, S: int, dtype: torch.dtype) -> Step:
+    """A step in which every slot r < R decodes one token as row r (a free slot's row reads token 0
+    at position 0, writes there and is discarded), attending over its first S positions. Everything
+    is derived on the device from the two tensors given, so a CUDA graph can replay it with new ones."""
+    R, device = tokens_R.shape[0], tokens_R.device
+    cos_RD, sin_RD = rope_cos_sin(pos_R, cfg.dim_per_head, cfg.rope_theta)
+    slots_R = torch.arange(R, device=device)
+    mask_R11S = _causal(cfg, pos_R[:, None], torch.arange(S, device=device)[None, :])[:, None, None, :]
+    return Step(tokens_R, pos_R, slots_R, cos_RD.to(dtype), sin_RD.to(dtype), [], slots_R, slots_R, mask_R11S, True)
 
 
 def attention(cfg: MoEConfig, w: LayerWeights, layer: int, x_TH: torch.Tensor, step: Step,
@@ -238,23 +252,43 @@ def route(x_TH: torch.Tensor, gate_EH: torch.Tensor, top_k: int) -> tuple[torch.
     return (w_TK / w_TK.sum(dim=-1, keepdim=True)).to(x_TH.dtype), idx_TK
 
 
-async def moe(layer: int, x_TH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, dispatcher,
-              on_route=None) -> torch.Tensor:
-    """Route, group the rows by expert, run them through the dispatcher, combine with the gate weights."""
+@dataclass
+class Routed:
+    """One layer's routing: the rows grouped by expert, and how to put their outputs back."""
+    x_NH: torch.Tensor      # the routed rows, grouped by expert (expert order)
+    counts_E: torch.Tensor  # rows per expert, on the rows' device
+    token_N: torch.Tensor   # which token each row came from
+    expert_N: torch.Tensor  # which expert it goes to
+    w_N: torch.Tensor       # its gate weight
+
+
+def route_rows(x_TH: torch.Tensor, gate_EH: torch.Tensor, top_k: int) -> Routed:
+    """Route, then group the rows by expert, all on the device (no host wait)."""
     E = gate_EH.shape[0]
     w_TK, idx_TK = route(x_TH, gate_EH, top_k)
     idx_N = idx_TK.flatten()
     order_N = idx_N.argsort(stable=True)                     # rows grouped by expert
     token_N = order_N // top_k
-    # The layer's one wait for the device (bincount would add two: on a GPU it reads min and max back).
-    ones_N = torch.ones_like(idx_N)
-    counts_E = torch.zeros(E, dtype=torch.int64, device=idx_N.device).scatter_add_(0, idx_N, ones_N).tolist()
+    # scatter_add_, not bincount: on a GPU bincount reads min and max back (two host waits)
+    counts_E = torch.zeros(E, dtype=torch.int64, device=idx_N.device).scatter_add_(0, idx_N, torch.ones_like(idx_N))
+    return Routed(x_TH[token_N], counts_E, token_N, idx_N[order_N], w_TK.flatten()[order_N])
+
+
+def combine(routed: Routed, y_NH: torch.Tensor, T: int) -> torch.Tensor:
+    """The experts' outputs weighted by the gate and summed per token: [T, H]."""
+    out_TH = y_NH.new_zeros(T, y_NH.shape[1])
+    return out_TH.index_add_(0, routed.token_N, y_NH * routed.w_N[:, None])
+
+
+async def moe(layer: int, x_TH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, dispatcher,
+              on_route=None) -> torch.Tensor:
+    """Route, group the rows by expert, run them through the dispatcher, combine with the gate weights."""
+    routed = route_rows(x_TH, gate_EH, top_k)
+    counts_E = routed.counts_E.tolist()  # the layer's one wait for the device
     if on_route is not None:
         on_route(layer, counts_E)
-    y_NH = await dispatcher.run_experts(layer, x_TH[token_N], counts_E)
-    out_TH = torch.zeros_like(x_TH)
-    out_TH.index_add_(0, token_N, y_NH * w_TK.flatten()[order_N, None])
-    return out_TH
+    y_NH = await dispatcher.run_experts(layer, routed.x_NH, counts_E)
+    return combine(routed, y_NH, x_TH.shape[0])
 
 
 async def forward(cfg: MoEConfig, w: DenseWeights, pool: KVPool, tokens: list[int], segments: list[Segment],
@@ -268,10 +302,16 @@ async def forward(cfg: MoEConfig, w: DenseWeights, pool: KVPool, tokens: list[in
     step = plan_step(cfg, pool, tokens, segments, w.device, w.dtype)
     h_TH = F.embedding(step.tokens_T, w.embed)
     for L, lw in enumerate(w.layers):
-        h_TH = h_TH + attention(cfg, lw, L, rms_norm(h_TH, lw.attn_norm, cfg.rms_norm_eps), step, pool)
-        x_TH = rms_norm(h_TH, lw.moe_norm, cfg.rms_norm_eps)
+        h_TH, x_TH = attention_block(cfg, lw, L, h_TH, step, pool)
         h_TH = h_TH + await moe(L, x_TH, lw.gate, cfg.top_k, dispatcher, on_route)
     return rms_norm(h_TH, w.norm, cfg.rms_norm_eps)
+
+
+def attention_block(cfg: MoEConfig, lw: LayerWeights, layer: int, h_TH: torch.Tensor, step: Step,
+                    pool: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream after the layer's attention, and its normed copy for the MoE block."""
+    h_TH = h_TH + attention(cfg, lw, layer, rms_norm(h_TH, lw.attn_norm, cfg.rms_norm_eps), step, pool)
+    return h_TH, rms_norm(h_TH, lw.moe_norm, cfg.rms_norm_eps)
 
 
 def logits(w: DenseWeights, h_TH: torch.Tensor) -> torch.Tensor:
