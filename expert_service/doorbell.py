@@ -282,6 +282,12 @@ class DoorbellServer:
         if self._listener is not None:
             self._listener.close()
 
+    async def stop(self) -> None:
+        """close(), then waits until the accept loop and every connection have ended."""
+        tasks = [t for t in (self._accepting, *self._connections) if t is not None]
+        self.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
 
 def _send_quietly(conn: socket.socket, data: bytes) -> None:
     """Answers a refused connection. What it sent is read first (its descriptors closed): closing

@@ -257,6 +257,11 @@ class ExpertServicer:
         if self.doorbell is not None:
             self.doorbell.close()
 
+    async def stop_doorbell(self) -> None:
+        """Closes the doorbell and waits until its accept loop and connections have ended."""
+        if self.doorbell is not None:
+            await self.doorbell.stop()
+
 
 def _unary(servicer: ExpertServicer, method, request_cls, reply_cls, scan_limits: dict | None = None
            ) -> grpc.RpcMethodHandler:
@@ -295,9 +300,24 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+class ExpertServer:
+    """The gRPC server of one ExpertServicer; `stop` also closes the servicer's doorbell. Everything
+    else is the grpc.aio.Server's."""
+
+    def __init__(self, server: grpc.aio.Server, servicer: ExpertServicer):
+        self._server, self.servicer = server, servicer
+
+    async def stop(self, grace: float | None) -> None:
+        await self._server.stop(grace)
+        await self.servicer.stop_doorbell()
+
+    def __getattr__(self, name):
+        return getattr(self._server, name)
+
+
 async def start_server(shard: ExpertShard | ExpertServicer, *, host: str = "127.0.0.1", port: int = 0,
                        credentials: grpc.ServerCredentials | None = None,
-                       client_role: str | None = None) -> tuple[grpc.aio.Server, int]:
+                       client_role: str | None = None) -> tuple[ExpertServer, int]:
     """Starts ExpertService and grpc.health.v1 on host:port (0 picks a free port).
 
     Pass an ExpertServicer instead of a shard to keep a handle on its counters and set its limits.
@@ -330,4 +350,4 @@ async def start_server(shard: ExpertShard | ExpertServicer, *, host: str = "127.
     await servicer.start_doorbell()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound
+    return ExpertServer(server, servicer), bound

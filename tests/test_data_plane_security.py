@@ -304,3 +304,30 @@ def test_idle_sessions_expire_and_the_client_reattaches():
             await server.stop(None)
             servicer.close()
     asyncio.run(go())
+
+
+def test_stopping_the_server_closes_its_doorbell():
+    """stop() ends the doorbell's accept loop and its sessions' connections with the gRPC server,
+    so nothing of the replica is left pending on the loop, and the socket accepts no one."""
+    from expert_service.server import ExpertServicer, start_server
+    g = torch.Generator().manual_seed(0)
+    shard = ExpertShard({(0, 0): tuple(torch.randn(*s, generator=g) / 8 for s in ((48, 32), (32, 48), (48, 32)))})
+
+    async def go():
+        servicer = ExpertServicer(shard)
+        server, port = await start_server(servicer)
+        client = ExpertClient(f"127.0.0.1:{port}", shared="shm")
+        try:
+            await client.forward(torch.randn(3, 32), [(0, 0, 3)], timeout=5)
+            assert len(servicer.sessions) == 1
+            bell = servicer.doorbell
+            await server.stop(None)
+            assert bell._accepting.done() and not bell._connections and not servicer.sessions
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+            assert not [t for t in left if "Doorbell" in repr(t)], left
+            with pytest.raises(ConnectionRefusedError):
+                doorbell._unix_socket(bell.path)
+        finally:
+            await client.close()
+            servicer.close()
+    asyncio.run(go())
