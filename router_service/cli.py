@@ -141,7 +141,8 @@ def cmd_up(a):
     try:
         print(json.dumps(up(model=a.model, port=a.port, config=a.config, num_cpus=a.num_cpus, num_gpus=a.num_gpus,
                             wait_s=a.wait, router_gpus=a.router_gpus, expert_gpus=a.expert_gpus, dtype=a.dtype,
-                            dashboard=not a.no_dashboard, verbose=a.verbose, progress=_progress)))
+                            dashboard=not a.no_dashboard, reflection=not a.no_reflection, verbose=a.verbose,
+                            progress=_progress)))
     except DeployError as e:
         raise Failed(str(e)) from None
 
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the new model to answer")
     s.add_argument("--no-dashboard", action="store_true", help="start the local cluster without Ray's "
                                                                "dashboard (which `serve status` needs)")
+    s.add_argument("--no-reflection", action="store_true", help="turn gRPC server reflection off at the gateway "
+                                                                "(it needs no token)")
     s.add_argument("--verbose", action="store_true", help="show Ray's and Serve's own log lines")
     s.set_defaults(fn=cmd_up)
 

@@ -28,9 +28,10 @@ from ray.serve.schema import ServeDeploySchema
 
 from expert_service.directory import NAMESPACE, kill_directory
 from moe_core.config import MoEConfig
-from router_service import client, security
+from router_service import client, security, validation
 from router_service.app import expert_deployments
-from router_service.gateway import GENERATED_SERVICER_FUNCTIONS, SERVICER_FUNCTIONS
+from router_service.gateway import (GENERATED_SERVICER_FUNCTIONS, MAX_MESSAGE_ENV, SERVICER_FUNCTIONS,
+                                    proxy_message_limit)
 
 DEFAULT_CONFIG = Path(str(resources.files("router_service") / "serve.yaml"))
 STATE_FILE = Path(os.environ.get("MOE_SERVE_STATE", Path.home() / ".cache" / "moe-serve" / "state.json"))
@@ -43,9 +44,10 @@ class DeployError(RuntimeError):
 
 
 def load_config(path: str | Path | None = None, *, model: str | None = None, port: int | None = None,
-                **app_args) -> dict:
+                reflection: bool | None = None, **app_args) -> dict:
     """The Serve config from YAML, with the model made absolute, the gRPC port set and an entry in
-    `deployments:` for every expert deployment the checkpoint has (app.expert_deployments)."""
+    `deployments:` for every expert deployment the checkpoint has (app.expert_deployments).
+    `reflection` False turns gRPC server reflection off at the gateway (Serve has it on)."""
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"Serve config {path} not found")
@@ -65,6 +67,8 @@ def load_config(path: str | Path | None = None, *, model: str | None = None, por
     if port is not None:
         grpc_options["port"] = port
     grpc_options.setdefault("port", 9000)
+    if reflection is not None:
+        grpc_options["enable_reflection"] = reflection
     return cfg
 
 
@@ -84,12 +88,22 @@ def place_on_gpus(cfg: dict, *, router_gpus: float = 0, expert_gpus: float = 0, 
 
 def deploy(cfg: dict, *, wait_s: float = 300.0, progress=None) -> str:
     """Deploys into the Ray cluster this process is connected to and returns the gateway address
-    once the gateway answers for this deployment (its Stats carry the deploy id given here)."""
+    once the gateway answers for this deployment (its Stats carry the deploy id given here).
+
+    Where this starts Serve, its proxy's message limit is set to what the gateway takes
+    (gateway.proxy_message_limit) through the controller's environment, which the proxies inherit;
+    the config's own `controller_options` env_vars go first."""
     app = cfg["applications"][0]
     app["args"]["deploy_id"] = uuid.uuid4().hex[:12]
+    limit = proxy_message_limit(MoEConfig.from_dir(app["args"]["model"]),
+                                app["args"].get("max_request_bytes", validation.MAX_REQUEST_BYTES))
+    env = dict(((cfg.get("controller_options") or {}).get("runtime_env") or {}).get("env_vars") or {})
+    env.setdefault(MAX_MESSAGE_ENV, str(limit))
     serve.start(http_options=cfg.get("http_options"), grpc_options=cfg["grpc_options"],
-                proxy_location=cfg.get("proxy_location", "HeadOnly"))
-    serve_cfg = {k: v for k, v in cfg.items() if k not in ("http_options", "grpc_options", "proxy_location")}
+                proxy_location=cfg.get("proxy_location", "HeadOnly"),
+                controller_options={"runtime_env": {"env_vars": env}})
+    serve_cfg = {k: v for k, v in cfg.items()
+                 if k not in ("http_options", "grpc_options", "proxy_location", "controller_options")}
     serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(serve_cfg))
     address = f"127.0.0.1:{cfg['grpc_options']['port']}"
     wait_serving(address, app, wait_s, progress or (lambda line: None))
@@ -161,13 +175,14 @@ def serve_reason(status) -> str:
 
 def up(*, model: str | None, port: int = 9000, config: str | None = None, num_cpus: int | None = None,
        num_gpus: int | None = None, wait_s: float = 300.0, router_gpus: float = 0, expert_gpus: float = 0,
-       dtype: str | None = None, dashboard: bool = True, verbose: bool = False, progress=None) -> dict:
+       dtype: str | None = None, dashboard: bool = True, reflection: bool = True, verbose: bool = False,
+       progress=None) -> dict:
     """Starts a local Ray cluster unless RAY_ADDRESS names one or one runs here, and deploys; a
     running app is replaced (on the same port) and `up` returns once the new one answers. On a
     failure, what this call started is stopped again."""
     progress = progress or (lambda line: None)
-    cfg = place_on_gpus(load_config(config, model=model, port=port), router_gpus=router_gpus,
-                        expert_gpus=expert_gpus, dtype=dtype)
+    cfg = place_on_gpus(load_config(config, model=model, port=port, reflection=None if reflection else False),
+                        router_gpus=router_gpus, expert_gpus=expert_gpus, dtype=dtype)
     state = _read_state()
     started = False
     if not os.environ.get("RAY_ADDRESS") and not _local_cluster_running():
