@@ -29,7 +29,8 @@ def build_app(args: dict) -> serve.Application:
     auth_token_file, require_tls, expert_tls {ca, cert, key, client_cert, client_key, server_name};
     limits: max_request_bytes, router_wait_s; expert_wait_s (how long a step waits for an expert
     with no live replica to get one back); expert_options (Serve options of every expert
-    deployment); deploy_id (reported by Stats: `moe-serve up` waits until it answers)."""
+    deployment); deploy_id (reported by Stats: `moe-serve up` waits until it answers); the engine's
+    max_seq_len, kv_tokens, kv_memory_fraction, max_step_tokens, cuda_graphs (see `Engine`)."""
     model = args["model"]
     cfg = MoEConfig.from_dir(model)
     directory = args.get("directory", DEFAULT_NAME)
@@ -46,13 +47,15 @@ def build_app(args: dict) -> serve.Application:
                          shared_memory=args.get("shared_memory", "auto"), expert_tls=expert_tls,
                          router_device=args.get("router_device", "auto"),
                          router_dtype=args.get("router_dtype", "float32"),
-                         expert_wait_s=args.get("expert_wait_s", 30.0), deploy_id=args.get("deploy_id", ""))
+                         expert_wait_s=args.get("expert_wait_s", 30.0), deploy_id=args.get("deploy_id", ""),
+                         **{k: args[k] for k in ENGINE_ARGS if args.get(k) is not None})
     gateway_args = {k: args[k] for k in ("max_request_bytes", "router_wait_s", "auth_token_file", "require_tls")
                     if args.get(k) is not None}
     return Gateway.bind(router, model, args.get("request_timeout_s", 300.0), **gateway_args)
 
 
 FIXED = ("Gateway", "Router")
+ENGINE_ARGS = ("max_seq_len", "kv_tokens", "kv_memory_fraction", "max_step_tokens", "cuda_graphs")
 
 
 def expert_deployments(app: dict, cfg: MoEConfig, source: str) -> list[dict]:

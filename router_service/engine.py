@@ -77,7 +77,7 @@ class Engine:
 
         The KV pool is allocated here, once: slots of `max_seq_len` positions (default the model's
         context), as many as `kv_tokens` positions hold, or as fit in `kv_memory_fraction` of the
-        device's free memory, or else `max_running`. A step runs at most `max_step_tokens` tokens:
+        device's free memory (default half of it on a GPU), at most `max_running`. A step runs at most `max_step_tokens` tokens:
         longer prompts are prefilled in chunks over several steps while decodes go on.
 
         On a GPU, decode steps replay CUDA graphs (`graphs.DecodeGraphs`) unless `cuda_graphs` is off."""
@@ -86,10 +86,12 @@ class Engine:
         self.weights = weights.to(self.device)
         self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         slot_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * self.max_seq_len * cfg.dim_per_head * self.weights.embed.element_size()
+        if kv_memory_fraction is None and kv_tokens is None and self.device.type == "cuda":
+            kv_memory_fraction = 0.5
         if kv_tokens is not None:
-            n_slots = kv_tokens // self.max_seq_len
+            n_slots = min(max_running, kv_tokens // self.max_seq_len)
         elif kv_memory_fraction is not None and self.device.type == "cuda":
-            n_slots = int(torch.cuda.mem_get_info(self.device)[0] * kv_memory_fraction) // slot_bytes
+            n_slots = min(max_running, int(torch.cuda.mem_get_info(self.device)[0] * kv_memory_fraction) // slot_bytes)
         else:
             n_slots = max_running
         if n_slots < 1:

@@ -29,7 +29,9 @@ class Router:
                  experts: list | None = None, max_running: int = 64, max_queued: int = 256, expert_timeout_s: float = 30.0,
                  wire_dtype: str | None = None, transport: str = "grpc", micro_batches: int = 1,
                  shared_memory: str = "auto", expert_tls: dict | None = None, router_device: str = "auto",
-                 router_dtype: str = "float32", expert_wait_s: float = 30.0, deploy_id: str = ""):
+                 router_dtype: str = "float32", expert_wait_s: float = 30.0, deploy_id: str = "",
+                 max_seq_len: int | None = None, kv_tokens: int | None = None,
+                 kv_memory_fraction: float | None = None, max_step_tokens: int = 8192, cuda_graphs: bool = True):
         if router_dtype not in DTYPES:
             raise ValueError(f"router_dtype must be one of {', '.join(DTYPES)}, got {router_dtype!r}")
         # "auto" follows the expert replicas' rule: a GPU when the deployment's num_gpus gave it one.
@@ -66,9 +68,13 @@ class Router:
                              else HandleDispatcher(shard_of, self.expert_handles))
         weights = model.DenseWeights.load(ckpt, dtype=DTYPES[router_dtype], device=device)
         self.engine = Engine(self.cfg, weights, engine_dispatcher,
-                             max_running=max_running, max_queued=max_queued, micro_batches=micro_batches)
-        log.info("router on %s (%s, CUDA_VISIBLE_DEVICES=%s), same-node sessions: %s", device, router_dtype,
-                 os.environ.get("CUDA_VISIBLE_DEVICES"), shared_memory or "off")
+                             max_running=max_running, max_queued=max_queued, micro_batches=micro_batches,
+                             max_seq_len=max_seq_len, kv_tokens=kv_tokens, kv_memory_fraction=kv_memory_fraction,
+                             max_step_tokens=max_step_tokens, cuda_graphs=cuda_graphs)
+        log.info("router on %s (%s, CUDA_VISIBLE_DEVICES=%s), same-node sessions: %s, KV pool: %d slots of %d "
+                 "positions, CUDA graphs: %s", device, router_dtype, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                 shared_memory or "off", self.engine.pool.n_slots, self.engine.pool.max_len,
+                 "on" if self.engine.graphs is not None else "off")
         self.metrics = RouterMetrics(self.engine)  # Prometheus, flushed once a second off the step path
 
     async def generate(self, prompt: list[int], params: dict, timeout_s: float | None = None):
