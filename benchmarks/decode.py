@@ -4,8 +4,8 @@ On a GPU at Mixtral-8x7B layer shapes (`--layers` decoder layers, random bf16 we
 device), on CPU at the `bench` preset in float32. For each batch size and context (prompt length),
 greedy decoding of --new-tokens tokens after the prompt, --repeats times:
 
-- `in-process`: our engine with every expert in this process (CUDA graphs on a GPU; `--eager`
-  adds the same without them);
+- `in-process`: our engine with every expert in this process (CUDA graphs on a GPU; `eager`: the
+  same without them);
 - `served`: our engine calling one `python -m expert_service` process per expert over gRPC with
   same-node sessions (CUDA IPC on a GPU, /dev/shm on CPU), from a checkpoint of the same weights;
 - `transformers`: `MixtralForCausalLM.generate` on the same device (random weights of its own),
@@ -20,7 +20,8 @@ under uniform routing, the KV cache it attends over) over the copy bandwidth mea
 `host_ms_per_layer` what the step takes beyond it (the GPU waiting for the host), both per layer.
 
     python -m benchmarks.decode [--layers 4] [--batches 1,8,32,64,128] [--contexts 128,2048]
-                                [--new-tokens 64] [--repeats 3] [--served] [--eager] [--name decode__VARIANT]
+                                [--new-tokens 64] [--repeats 3] [--systems transformers,in-process,eager,served]
+                                [--name decode__VARIANT]
 """
 from __future__ import annotations
 
@@ -97,16 +98,30 @@ async def measure(engine: Engine, prompts, new_tokens: int, repeats: int) -> dic
     """Gaps between tokens while every request decodes: after the last prompt's first token (prefills
     may take several steps), before the first request ends."""
     await _decode(engine, prompts, 4)  # first use of these sizes (captures, kernels): not timed
-    tps, gaps = [], []
+    tps, gaps, steal = [], [], []
     for _ in range(repeats):
+        s0, c0 = _cpu_steal(), time.process_time()
         arrivals = [np.array(a) for a in await _decode(engine, prompts, new_tokens)]
+        s1 = _cpu_steal()
         lo, hi = max(a[0] for a in arrivals), min(a[-1] for a in arrivals)
         g = np.concatenate([np.diff(a[(a >= lo) & (a <= hi)]) for a in arrivals]) * 1e3
         tps.append(len(prompts) * 1e3 / float(np.median(g)))
         gaps.append(g)
+        steal.append(round(100 * (s1[0] - s0[0]) / max(1, s1[1] - s0[1]), 2))
     g = np.concatenate(gaps)
     return {"tokens_per_s": statistics.median(tps), "tokens_per_s_min": min(tps), "tokens_per_s_max": max(tps),
-            "p50_tpot_ms": float(np.median(g)), "p99_tpot_ms": float(np.percentile(g, 99))}
+            "p50_tpot_ms": float(np.median(g)), "p99_tpot_ms": float(np.percentile(g, 99)),
+            "repeats_tokens_per_s": [round(t, 1) for t in tps], "cpu_steal_pct": steal}
+
+
+def _cpu_steal() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs so far, from /proc/stat ((0, 0) where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    return fields[7] if len(fields) > 7 else 0, sum(fields)
 
 
 def device_ms(engine: Engine) -> float | None:
@@ -166,6 +181,7 @@ def transformers_rows(cfg, device, dtype, batches, contexts, new_tokens, repeats
                 g = np.diff(clock.times[1:]) * 1e3  # times[0]: the prompt, then one per new token
                 tps.append(b * 1e3 / float(np.median(g)))
                 gaps.append(g)
+            print("transformers repeats tokens/s", [round(t, 1) for t in tps], flush=True)
             g = np.concatenate(gaps)
             rows.append({"system": f"transformers ({min(warm, key=warm.get)})", "batch": b, "context": context,
                          "tokens_per_s": statistics.median(tps), "tokens_per_s_min": min(tps),
@@ -184,11 +200,11 @@ def main(argv=None):
     p.add_argument("--contexts", default="128,2048", help="prompt lengths")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--served", action="store_true", help="also the engine with one expert process per expert")
+    p.add_argument("--systems", default="transformers,in-process", help="any of transformers, in-process, "
+                   "eager (in-process without CUDA graphs), served")
     p.add_argument("--served-batches", default="1,8,32,64")
-    p.add_argument("--eager", action="store_true", help="also the in-process engine without CUDA graphs")
     p.add_argument("--hf-batches", default="1,8,32,64", help="transformers' batch sizes (first context only)")
-    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--note", help="what this run changes (shown in the report)")
     p.add_argument("--name", default=None, help="results file (default decode__<gpu>, or decode on CPU)")
     a = p.parse_args(argv)
     gpu = torch.cuda.is_available()
@@ -198,7 +214,8 @@ def main(argv=None):
     batches, contexts = [int(b) for b in a.batches.split(",")], [int(c) for c in a.contexts.split(",")]
     name = a.name or (f"decode__{torch.cuda.get_device_name(0).split()[-1].lower()}" if gpu else "decode")
     bw = bandwidth(device)
-    meta = {"bandwidth_GBps": bw / 1e9, "layers": cfg.n_layers, "dtype": str(dtype).removeprefix("torch."),
+    systems = a.systems.split(",")
+    meta = {"note": a.note, "bandwidth_GBps": bw / 1e9, "layers": cfg.n_layers, "dtype": str(dtype).removeprefix("torch."),
             "new_tokens": a.new_tokens, "repeats": a.repeats,
             "config": {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "n_layers", "n_experts",
                                                      "top_k", "n_heads", "n_kv_heads", "vocab_size")}}
@@ -213,7 +230,7 @@ def main(argv=None):
         print(row, flush=True)
         save(name, rows, meta, columns)  # after every row: a run cut short keeps what it measured
 
-    if not a.no_transformers:
+    if "transformers" in systems:
         for r in transformers_rows(cfg, device, dtype, [int(b) for b in a.hf_batches.split(",")], contexts[:1],
                                    a.new_tokens, a.repeats):
             add(r)
@@ -221,15 +238,17 @@ def main(argv=None):
     weights = model.DenseWeights.from_state(cfg, state)
     shard = ExpertShard({(L, e): tuple(state.pop(k) for k in expert_keys(L, e)) for L, e in all_pairs(cfg)})
     gen = torch.Generator().manual_seed(1)
+    modes = [("in-process", gpu)] if "in-process" in systems else []
+    modes += [("in-process (eager)", False)] if "eager" in systems and gpu else []  # the same on CPU
     for context in contexts:
-        for graphs in ([True, False] if a.eager and gpu else [gpu]):
+        for label, graphs in modes:
             engine = Engine(cfg, weights, InProcessDispatcher(shard), max_running=max(batches),
                             max_seq_len=context + a.new_tokens, kv_tokens=max(batches) * (context + a.new_tokens),
                             max_step_tokens=STEP_TOKENS, cuda_graphs=graphs)
             for b in batches:
                 prompts = torch.randint(3, cfg.vocab_size, (b, context), generator=gen).tolist()
-                row = {"system": "in-process" + ("" if graphs or not gpu else " (eager)"), "batch": b,
-                       "context": context, **asyncio.run(measure(engine, prompts, a.new_tokens, a.repeats))}
+                row = {"system": label, "batch": b, "context": context,
+                       **asyncio.run(measure(engine, prompts, a.new_tokens, a.repeats))}
                 dev = device_ms(engine)
                 if dev is not None:
                     row["device_ms_per_layer"] = dev / cfg.n_layers
@@ -237,7 +256,7 @@ def main(argv=None):
                 add(row)
             del engine
             gc.collect()
-    if a.served:
+    if "served" in systems:
         del shard
         gc.collect()
         served(cfg, weights, device, dtype, [int(b) for b in a.served_batches.split(",")], contexts[:1],

@@ -16,7 +16,7 @@ from benchmarks.common import RESULTS, table
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
-ORDER = ["codec", "moe_layer", "decode_floor", "e2e"]
+ORDER = ["codec", "moe_layer", "decode_floor", "decode", "e2e"]
 GPU_ONLY = ["expert_math", "call_overhead", "multi_gpu"]
 
 # How a variant is compared with its base: the columns that identify a row, the figure, and whether
@@ -94,6 +94,25 @@ def targets(res: dict[str, dict]) -> list[dict]:
     out.append(_check("expert math / measured bf16 matmul rate at T >= 4096, GPU",
                       ", ".join(f"{r['of_gemm_peak']:.1%} at T={r['T']}" for r in math) or "-", ">= 75%",
                       None if worst is None else worst["of_gemm_peak"] >= 0.75))
+
+    dec = [r for n, d in res.items() if n.startswith("decode__h200") for r in d["rows"]]
+
+    def ours(batch, context):
+        return next((r for r in dec if r["system"] == "in-process" and r["batch"] == batch
+                     and r["context"] == context), None)
+    for batches, context, goal in (((1,), 128, 0.30), ((8, 32, 64, 128), 128, 0.45), ((32,), 2048, 0.30)):
+        found = [r for r in map(lambda b: ours(b, context), batches) if r]
+        worst = min(found, key=lambda r: r["floor_fraction"]) if found else None
+        out.append(_check(f"decode, in-process engine: tokens/s over the HBM floor at batch "
+                          f"{'/'.join(map(str, batches))}, context {context}, Mixtral-8x7B layers bf16 on the H200",
+                          ", ".join(f"{r['floor_fraction']:.2f} (batch {r['batch']})" for r in found) or "-",
+                          f">= {goal}", None if worst is None else worst["floor_fraction"] >= goal))
+    row, hf = ours(32, 128), next((r for r in dec if r["system"].startswith("transformers") and r["batch"] == 32
+                                   and r["context"] == 128), None)
+    ratio = row["tokens_per_s"] / hf["tokens_per_s"] if row and hf else None
+    out.append(_check("decode, in-process engine / transformers generate, tokens/s at batch 32, context 128, H200",
+                      f"{ratio:.2f}x ({row['tokens_per_s']:.0f} vs {hf['tokens_per_s']:.0f})" if ratio else "-",
+                      ">= 10x", None if ratio is None else ratio >= 10))
 
     codec = res.get("codec")
     rows = [r for r in (codec or {}).get("rows", [])

@@ -1,11 +1,11 @@
-"""`make bench`: every benchmark in turn (codec, moe_layer, decode_floor, e2e), then BENCHMARKS.md.
+"""`make bench`: every benchmark in turn (codec, moe_layer, decode_floor, decode, e2e), then BENCHMARKS.md.
 
 A benchmark that fails does not stop the others; the exit status says whether all ran. On a
 machine with CUDA, moe_layer runs on the GPU at Mixtral-8x7B shapes in bfloat16 (every transport)
 and is saved as `moe_layer__<gpu>`, and expert_math and call_overhead run too; on CPU moe_layer
 also runs the Ray Serve handle baseline. Extra arguments for one script: --args NAME="...".
 
-    python -m benchmarks.run_all [--only codec,moe_layer,decode_floor,e2e] [--args e2e="--concurrency 1,8"] [--out FILE]
+    python -m benchmarks.run_all [--only codec,moe_layer,decode_floor,decode,e2e] [--args e2e="--concurrency 1,8"] [--out FILE]
 """
 from __future__ import annotations
 
@@ -38,6 +38,11 @@ def default_args(name: str) -> list[str]:
                 "--name", f"moe_layer__{gpu}"]
     if name == "moe_layer":
         return ["--transports", "inprocess,grpc,shm,handle"]
+    if name == "decode" and not gpu:  # the bench preset on a small CPU: a shorter sweep
+        return ["--batches", "1,8,32", "--contexts", "128", "--new-tokens", "32", "--repeats", "2",
+                "--systems", "transformers,in-process,served", "--served-batches", "1,8,32"]
+    if name == "decode" and gpu:
+        return ["--systems", "transformers,in-process,eager,served"]
     if name in ("expert_math", "call_overhead") and gpu:
         return ["--name", f"{name}__{gpu}"]
     return []

@@ -190,8 +190,10 @@ def cuda_descriptor(blob: bytes, nbytes: int) -> tuple[bytes, int, int]:
     if not isinstance(fields, list) or len(fields) != 8:
         raise SharedError("CUDA IPC descriptor must have 8 fields")
     _, handle, size, offset = fields[:4]
-    if not isinstance(handle, bytes) or len(handle) != CUDA_IPC_HANDLE_BYTES:
-        raise SharedError(f"a CUDA IPC memory handle has {CUDA_IPC_HANDLE_BYTES} bytes")
+    # cudaIpcMemHandle_t, in PyTorch's wrapping (a version and a kind byte before it); whatever it
+    # maps is checked against the descriptor once mapped (_check_range)
+    if not isinstance(handle, bytes) or not CUDA_IPC_HANDLE_BYTES <= len(handle) <= 2 * CUDA_IPC_HANDLE_BYTES:
+        raise SharedError(f"a CUDA IPC memory handle has {CUDA_IPC_HANDLE_BYTES} to {2 * CUDA_IPC_HANDLE_BYTES} bytes")
     if not isinstance(size, int) or size != nbytes:
         raise SharedError(f"CUDA IPC buffer of {size!r} bytes, the session needs {nbytes}")
     if not isinstance(offset, int) or not 0 <= offset <= MAX_BUFFER_BYTES:
