@@ -100,7 +100,7 @@ async def measure(engine: Engine, prompts, new_tokens: int, repeats: int) -> dic
     await _decode(engine, prompts, 4)  # first use of these sizes (captures, kernels): not timed
     tps, gaps, steal = [], [], []
     for _ in range(repeats):
-        s0, c0 = _cpu_steal(), time.process_time()
+        s0 = _cpu_steal()
         arrivals = [np.array(a) for a in await _decode(engine, prompts, new_tokens)]
         s1 = _cpu_steal()
         lo, hi = max(a[0] for a in arrivals), min(a[-1] for a in arrivals)
@@ -187,10 +187,7 @@ def transformers_rows(cfg, device, dtype, batches, contexts, new_tokens, repeats
                          "tokens_per_s": statistics.median(tps), "tokens_per_s_min": min(tps),
                          "tokens_per_s_max": max(tps), "p50_tpot_ms": float(np.median(g)),
                          "p99_tpot_ms": float(np.percentile(g, 99))})
-            print(rows[-1], flush=True)
-    del hf
-    gc.collect()
-    return rows
+    return rows  # the model goes with this frame
 
 
 def main(argv=None):
@@ -234,6 +231,7 @@ def main(argv=None):
         for r in transformers_rows(cfg, device, dtype, [int(b) for b in a.hf_batches.split(",")], contexts[:1],
                                    a.new_tokens, a.repeats):
             add(r)
+        gc.collect()
     state = random_state(cfg, device, dtype)
     weights = model.DenseWeights.from_state(cfg, state)
     shard = ExpertShard({(L, e): tuple(state.pop(k) for k in expert_keys(L, e)) for L, e in all_pairs(cfg)})

@@ -119,8 +119,10 @@ class DecodeGraphs:
         tokens_R, pos_R, live_R, order_R = [0] * R, [0] * R, [0] * R, [0] * R
         for b, (t, p, s) in enumerate(zip(tokens, positions, slots)):
             tokens_R[s], pos_R[s], live_R[s], order_R[b] = t, p, 1, s
-        new = (R, S) not in self.buckets
-        b = self.buckets[R, S] if not new else self.buckets.setdefault((R, S), _Bucket(self, R, S))
+        b = self.buckets.get((R, S))
+        new = b is None
+        if new:
+            b = self.buckets[R, S] = _Bucket(self, R, S)
         self.pool._staging.to_device(torch.tensor(tokens_R + pos_R + live_R + order_R), b.meta_I.device,
                                      out_I=b.meta_I)
         if new and self.capture:

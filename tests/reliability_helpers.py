@@ -3,6 +3,9 @@ quickly, a Serve-config edit for its expert deployments, and call helpers that n
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
+import random
+import threading
 import time
 from pathlib import Path
 
@@ -89,3 +92,46 @@ def wait_until(predicate, timeout_s: float, what: str, every_s: float = 0.5):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout_s:.0f}s")
         time.sleep(every_s)
+
+
+def replicas_killed_under_load(stub, work, deployments: list[str], *, seed: int, every_s: float = 5.0,
+                               clients: int = 8, min_requests: int = 200, min_kills: int = 3, timeout_s: float = 210):
+    """`clients` callers send greedy Completes of `work` [(prompt, max_new_tokens)] one after another
+    while a random replica of `deployments` is killed every `every_s`, until `min_requests` are done
+    and `min_kills` replicas were killed. Returns ({job index: (code, seconds, reply)}, kills, seconds)."""
+    from router_service import client
+    from router_service.sampling import SamplingParams
+
+    stop, kills, lock = threading.Event(), [], threading.Lock()
+    results, next_job = {}, iter(range(len(work)))
+
+    def killer():
+        rng = random.Random(seed)
+        while not stop.wait(every_s):
+            alive = [a for d in deployments for a in replica_actors(d)]
+            if alive:
+                victim = rng.choice(alive)
+                kill_replica(victim)
+                kills.append(victim)
+
+    def client_loop():
+        while True:
+            with lock:
+                i = next(next_job, None)
+                if i is None or (len(results) >= min_requests and len(kills) >= min_kills):
+                    return
+            prompt, n = work[i]
+            results[i] = call(stub.Complete, client.request(prompt, None, SamplingParams(max_new_tokens=n)),
+                              timeout=timeout_s)
+
+    k = threading.Thread(target=killer, daemon=True)
+    started = time.monotonic()
+    k.start()
+    try:
+        with cf.ThreadPoolExecutor(clients) as pool:
+            for f in [pool.submit(client_loop) for _ in range(clients)]:
+                f.result()
+    finally:
+        stop.set()
+        k.join(timeout=30)
+    return results, kills, time.monotonic() - started

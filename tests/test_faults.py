@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import random
 import signal
 import socket
 import threading
@@ -34,7 +33,8 @@ from router_service.sampling import SamplingParams
 from tests.cluster_fixtures import running_app
 from tests.conftest import run
 from tests.reliability_helpers import (
-    call, directory_table, expert_counters, experts, kill_replica, replica_actors, small_model, wait_until)
+    call, directory_table, expert_counters, experts, kill_replica, replica_actors, replicas_killed_under_load,
+    small_model, wait_until)
 
 OK, UNAVAILABLE, EXHAUSTED = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -272,40 +272,10 @@ def test_expert_replicas_killed_under_load_lose_no_request(cluster, replicas):
     started a new one. No request fails, and every answer is right."""
     set_expert_replicas(cluster, replicas)
     work = jobs(2000)
-    stub, stop, kills, lock = cluster["stub"], threading.Event(), [], threading.Lock()
-    results, next_job = {}, iter(range(len(work)))
     before = router_stats()
-
-    def killer():
-        rng = random.Random(replicas)
-        while not stop.wait(5.0):
-            alive = [a for e in range(2) for a in replica_actors(f"expert-{e}")]
-            if alive:
-                victim = rng.choice(alive)
-                kill_replica(victim)
-                kills.append(victim)
-
-    def client_loop():
-        while True:
-            with lock:
-                i = next(next_job, None)
-                if i is None or (len(results) >= 200 and len(kills) >= 3):
-                    return
-            prompt, n = work[i]
-            results[i] = call(stub.Complete, client.request(prompt, None, SamplingParams(max_new_tokens=n)),
-                              timeout=APP_ARGS["expert_wait_s"] + 60)
-
-    k = threading.Thread(target=killer, daemon=True)
-    started = time.monotonic()
-    k.start()
-    try:
-        with cf.ThreadPoolExecutor(8) as pool:  # 8 = max_running + max_queued: nothing is refused
-            for f in [pool.submit(client_loop) for _ in range(8)]:
-                f.result()
-    finally:
-        stop.set()
-        k.join(timeout=30)
-    seconds = time.monotonic() - started
+    # 8 callers = max_running + max_queued: nothing is refused
+    results, kills, seconds = replicas_killed_under_load(cluster["stub"], work, ["expert-0", "expert-1"], seed=replicas,
+                                                         clients=8, timeout_s=APP_ARGS["expert_wait_s"] + 60)
     done = sorted(results)
     failures = [(results[i][0], results[i][2]) for i in done if results[i][0] != OK]
     assert not failures, failures[:5]
