@@ -189,8 +189,9 @@ def test_garbage_bytes(gateway):
 def test_oversized_requests_and_metadata(gateway):
     stub, ok_request = gateway["stub"], client.request([1, 2], None, SamplingParams(max_new_tokens=2))
     cases = [
-        # larger than the gateway takes: refused before it is parsed
-        (_send_raw, "Complete", b"\x0a" + b"\x80" * (validation.MAX_REQUEST_BYTES + 1), EXHAUSTED, "limit"),
+        # larger than the gateway takes: refused by Serve's proxy (its message limit is the gateway's) before
+        # anything reads it
+        (_send_raw, "Complete", b"\x0a" + b"\x80" * (validation.MAX_REQUEST_BYTES + 1), EXHAUSTED, "larger than max"),
         # a text prompt past the character limit
         (_send, "Complete", gateway_pb2.GenerateRequest(prompt="a" * (validation.MAX_PROMPT_CHARS + 1),
                                                         sampling=dict(max_new_tokens=1)), EXHAUSTED, "characters"),
