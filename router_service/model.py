@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moe_core.checkpoint import Checkpoint, dense_shapes
 from moe_core.config import MoEConfig
@@ -207,19 +206,8 @@ def decode_step(cfg: MoEConfig, tokens_R: torch.Tensor, pos_R: torch.Tensor, S: 
     return Step(tokens_R, pos_R, slots_R, cos_RD.to(dtype), sin_RD.to(dtype), [], slots_R, slots_R, mask_R11S, True)
 
 
-# Not cuDNN's: it builds a plan for every new attended length (tens of ms on an H200, once per
-# prompt length and per decode position until all were seen: benchmarks/results/decode__h200_no_cudnn_sdpa.json).
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
 def attention(cfg: MoEConfig, w: LayerWeights, layer: int, x_TH: torch.Tensor, step: Step,
               pool: KVPool) -> torch.Tensor:
-    with sdpa_kernel(SDPA_BACKENDS):
-        return _attention(cfg, w, layer, x_TH, step, pool)
-
-
-def _attention(cfg: MoEConfig, w: LayerWeights, layer: int, x_TH: torch.Tensor, step: Step,
-               pool: KVPool) -> torch.Tensor:
     T, D, Q, G = x_TH.shape[0], cfg.dim_per_head, cfg.n_heads, cfg.n_kv_heads
     q_TQD = apply_rope(F.linear(x_TH, w.wq).view(T, Q, D), step.cos_TD, step.sin_TD)
     k_TGD = apply_rope(F.linear(x_TH, w.wk).view(T, G, D), step.cos_TD, step.sin_TD)
