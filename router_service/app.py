@@ -1,4 +1,5 @@
-"""The Serve application: expert deployments, the router, the gateway, composed with .bind().
+"""The Serve application: expert deployments, the router, the gateway (gRPC, and the OpenAI HTTP
+routes on Serve's HTTP port: openai_api), composed with .bind().
 
 The expert deployments come from the checkpoint: one per shard of `shard_plan` (expert e of every
 layer, or of `layers_per_shard` layers). `args.expert_options` holds the Serve options every expert
@@ -14,7 +15,7 @@ from ray import serve
 from expert_service.deployment import ExpertReplica, shard_plan
 from expert_service.directory import DEFAULT_NAME
 from moe_core.config import MoEConfig
-from router_service.gateway import Gateway
+from router_service.openai_api import Gateway
 from router_service.router import Router
 
 

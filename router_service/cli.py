@@ -139,7 +139,7 @@ def cmd_score(a):
 def cmd_up(a):
     from router_service.launcher import DeployError, up
     try:
-        print(json.dumps(up(model=a.model, port=a.port, config=a.config, num_cpus=a.num_cpus, num_gpus=a.num_gpus,
+        print(json.dumps(up(model=a.model, port=a.port, http_port=a.http_port, config=a.config, num_cpus=a.num_cpus, num_gpus=a.num_gpus,
                             wait_s=a.wait, router_gpus=a.router_gpus, expert_gpus=a.expert_gpus, dtype=a.dtype,
                             dashboard=not a.no_dashboard, reflection=not a.no_reflection, verbose=a.verbose,
                             progress=_progress)))
@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("up", help="start a local Ray cluster (or join RAY_ADDRESS) and deploy the gateway")
     s.add_argument("--model", help="model directory (default: the one in --config)")
     s.add_argument("--port", type=int, default=9000, help="gateway gRPC port")
+    s.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port (/v1/completions, "
+                                                               "/v1/chat/completions, /v1/models)")
     s.add_argument("--config", help="Serve config YAML (default: the package's serve.yaml, the same as "
                                     "cluster/serve.yaml)")
     s.add_argument("--num-cpus", type=int, help="logical CPUs of the local cluster")

@@ -1,5 +1,5 @@
 """Bringing the application up and down: a local Ray cluster (or RAY_ADDRESS), Serve with the
-gRPC gateway, the app from the Serve config (the package's `serve.yaml` unless given another),
+gRPC gateway and the OpenAI HTTP routes, the app from the Serve config (the package's `serve.yaml` unless given another),
 and a wait until the gateway answers for the model just deployed.
 
 Progress goes to stderr, one line a stage; Ray's own log lines only with `verbose`. A failed `up`
@@ -44,8 +44,8 @@ class DeployError(RuntimeError):
 
 
 def load_config(path: str | Path | None = None, *, model: str | None = None, port: int | None = None,
-                reflection: bool | None = None, **app_args) -> dict:
-    """The Serve config from YAML, with the model made absolute, the gRPC port set and an entry in
+                http_port: int | None = None, reflection: bool | None = None, **app_args) -> dict:
+    """The Serve config from YAML, with the model made absolute, the gRPC and HTTP ports set and an entry in
     `deployments:` for every expert deployment the checkpoint has (app.expert_deployments).
     `reflection` False turns gRPC server reflection off at the gateway (Serve has it on)."""
     path = Path(path) if path else DEFAULT_CONFIG
@@ -69,6 +69,10 @@ def load_config(path: str | Path | None = None, *, model: str | None = None, por
     grpc_options.setdefault("port", 9000)
     if reflection is not None:
         grpc_options["enable_reflection"] = reflection
+    http_options = cfg.setdefault("http_options", {})
+    if http_port is not None:
+        http_options["port"] = http_port
+    http_options.setdefault("port", 8000)
     return cfg
 
 
@@ -173,7 +177,7 @@ def serve_reason(status) -> str:
     return (head + errors[-1]) if errors else " ".join(lines)[:500]
 
 
-def up(*, model: str | None, port: int = 9000, config: str | None = None, num_cpus: int | None = None,
+def up(*, model: str | None, port: int = 9000, http_port: int = 8000, config: str | None = None, num_cpus: int | None = None,
        num_gpus: int | None = None, wait_s: float = 300.0, router_gpus: float = 0, expert_gpus: float = 0,
        dtype: str | None = None, dashboard: bool = True, reflection: bool = True, verbose: bool = False,
        progress=None) -> dict:
@@ -181,7 +185,8 @@ def up(*, model: str | None, port: int = 9000, config: str | None = None, num_cp
     running app is replaced (on the same port) and `up` returns once the new one answers. On a
     failure, what this call started is stopped again."""
     progress = progress or (lambda line: None)
-    cfg = place_on_gpus(load_config(config, model=model, port=port, reflection=None if reflection else False),
+    cfg = place_on_gpus(load_config(config, model=model, port=port, http_port=http_port,
+                                    reflection=None if reflection else False),
                         router_gpus=router_gpus, expert_gpus=expert_gpus, dtype=dtype)
     state = _read_state()
     started = False
@@ -209,6 +214,10 @@ def up(*, model: str | None, port: int = 9000, config: str | None = None, num_cp
             if running and state.get("port") not in (None, port):
                 raise DeployError(f"moe-serve is running {state.get('model', '?')} on port {state['port']}; "
                                   f"`moe-serve down` first to serve on port {port}, or `up` on port {state['port']}")
+            if running and state.get("http_port") not in (None, http_port):
+                raise DeployError(f"moe-serve is running {state.get('model', '?')} on HTTP port {state['http_port']}; "
+                                  f"`moe-serve down` first to serve on HTTP port {http_port}, or `up` on "
+                                  f"--http-port {state['http_port']}")
             new = Path(cfg["applications"][0]["args"]["model"]).name
             progress(f"replacing {Path(state.get('model', '?')).name} with {new}" if running else f"deploying {new}")
             address = deploy(cfg, wait_s=wait_s, progress=progress)
@@ -224,8 +233,10 @@ def up(*, model: str | None, port: int = 9000, config: str | None = None, num_cp
         raise
     ray.shutdown()
     model_dir = cfg["applications"][0]["args"]["model"]
-    _write_state(state | {"port": port, "model": model_dir})
-    return {"address": address, "model": model_dir, "started_ray": state.get("started_ray", False)}
+    _write_state(state | {"port": port, "http_port": http_port, "model": model_dir})
+    host = cfg["http_options"].get("host", "127.0.0.1")
+    return {"address": address, "http": f"http://{host}:{http_port}/v1", "model": model_dir,
+            "started_ray": state.get("started_ray", False)}
 
 
 def down(*, verbose: bool = False, progress=None) -> dict:
