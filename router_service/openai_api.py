@@ -106,6 +106,12 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
                         status_code=e.status_code)
 
 
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+    """Whatever escaped a route: logged by the mapping, answered as a 503 without details."""
+    return error_response(e)
+
+
 def _explain(error: dict) -> tuple[str, str | None]:
     """A pydantic error -> (message, param); param as OpenAI writes it (messages.0.content)."""
     loc = [x for x in error["loc"] if isinstance(x, int) or x in FIELDS]

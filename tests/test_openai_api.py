@@ -174,3 +174,13 @@ def test_errors_in_openais_shape_without_tracebacks(error, status, code):
         assert "Traceback" not in body["error"]["message"] and "internal detail" not in body["error"]["message"]
         assert body["error"]["param"] == getattr(error, "param", None)
         assert (r.headers.get("retry-after") == "1") == (status in (429, 503))
+
+
+def test_http_port_from_up_and_the_cli(tiny_model):
+    from router_service.cli import build_parser
+    from router_service.launcher import load_config
+    assert load_config(model=str(tiny_model))["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    assert load_config(model=str(tiny_model), http_port=8123)["http_options"]["port"] == 8123
+    assert build_parser().parse_args(["up"]).http_port == 8000
+    assert build_parser().parse_args(["up", "--http-port", "8123"]).http_port == 8123
+    assert load_config(model=str(tiny_model))["applications"][0]["route_prefix"] == "/"  # the routes are /v1/...
