@@ -76,13 +76,13 @@ def test_every_queried_metric_is_exported(tmp_path):
 
     from router_service import client
     from router_service.sampling import SamplingParams
-    from tests.cluster_fixtures import running_app
+    from tests.cluster_fixtures import free_port, running_app
     from tests.reliability_helpers import experts, small_model, wait_until
 
     old = os.environ.get("RAY_metrics_report_interval_ms")
     os.environ["RAY_metrics_report_interval_ms"] = "1000"  # read when Ray starts
     try:
-        with running_app(small_model(tmp_path / "small"), edit=experts(2)) as (address, _):
+        with running_app(small_model(tmp_path / "small"), edit=experts(2), http_port=free_port()) as (address, _):
             port = ray._private.worker.global_worker.node.metrics_export_port
             for i in range(4):
                 client.generate(address, prompt_ids=[5 + i, 6, 7], params=SamplingParams(max_new_tokens=8))
