@@ -16,6 +16,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+import ray
 import torch
 from ray import serve
 
@@ -443,7 +444,12 @@ def test_generations_resume_on_another_router_replica(cluster):
     want = [run(engine.complete(p, sp))[0] for p, sp in zip(prompts, params)]
     streams = [stub.Generate(client.request(p, None, sp), timeout=180) for p, sp in zip(prompts, params)]
     firsts = [next(s) for s in streams]  # every generation under way
-    kill_replica(replica_actors("Router")[0])
+    # the replica holding the most of them (Serve may have put all eight on one)
+    ongoing = {a: ray.get(ray.get_actor(a, namespace="serve").get_num_ongoing_requests.remote(), timeout=30)
+               for a in replica_actors("Router")}
+    victim = max(ongoing, key=ongoing.get)
+    assert ongoing[victim] >= 1, ongoing
+    kill_replica(victim)
     got = [list(f.token_ids) + [t for c in s for t in c.token_ids] for f, s in zip(firsts, streams)]
     assert got == want
     gateway = serve.get_deployment_handle("Gateway", app_name="moe")
