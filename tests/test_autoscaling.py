@@ -315,7 +315,8 @@ def test_hot_expert_scales_up_and_back_down_without_failures(scaling_app, tiny_m
     from router_service.client import stats
     from router_service.loadgen import hot_tokens
     address, metrics_port = scaling_app
-    assert set(replicas(address).values()) == {1}
+    # one replica each, once every one has registered (a replica may still be starting right after deploy)
+    wait_for(lambda: (set((r := replicas(address)).values()) == {1}, r), 120, "one registered replica per expert")
     hot = hot_tokens(tiny_model, HOT)
     hot_name = f"expert-{HOT}"
     peak: dict[str, int] = {}
