@@ -123,7 +123,7 @@ class DecodeGraphs:
         new = b is None
         if new:
             b = self.buckets[R, S] = _Bucket(self, R, S)
-        self.pool._staging.to_device(torch.tensor(tokens_R + pos_R + live_R + order_R), b.meta_I.device,
+        self.pool.staging.to_device(torch.tensor(tokens_R + pos_R + live_R + order_R), b.meta_I.device,
                                      out_I=b.meta_I)
         if new and self.capture:
             b.record()

@@ -105,7 +105,7 @@ class KVPool:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.n_slots, self.max_len = n_slots, max_len
         self._free = list(range(n_slots))  # a heap: lowest first
-        self._staging = _MetaStaging()
+        self.staging = _MetaStaging()  # the step metadata's pinned copies
 
     @property
     def free_slots(self) -> int:
@@ -180,7 +180,7 @@ def plan_step(cfg: MoEConfig, pool: KVPool, tokens: list[int], segments: list[Se
     for seg, _ in decodes:
         pos_R[seg.slot] = seg.start
     meta = tokens + pos + slot + [r for _, r in decodes] + [seg.slot for seg, _ in decodes] + pos_R
-    meta_I = pool._staging.to_device(torch.tensor(meta, dtype=torch.int64), torch.device(device))
+    meta_I = pool.staging.to_device(torch.tensor(meta, dtype=torch.int64), torch.device(device))
     B = len(decodes)
     tokens_T, pos_T, slot_T, rows_B, slots_B, pos_R = meta_I.split([T, T, T, B, B, R])
     cos_TD, sin_TD = rope_cos_sin(pos_T, cfg.dim_per_head, cfg.rope_theta)
