@@ -6,9 +6,13 @@ process through ExpertClient:
 - `forward`: a Forward of `rows` rows (bytes in a gRPC message, or through a `cuda_ipc`/`shm`
   session, the envelope over the replica's doorbell socket), to one server, one call after another;
 - `forward x8`: the same to eight servers at once (one MoE layer's scatter), one after another
-  (`sequential`) or concurrently (`concurrent`), ms for all eight.
+  (`sequential`) or concurrently (`concurrent`), for all eight;
+- `math`: the same expert's FFN on the same rows in this process, on as many CPU threads as a
+  server has: what a call costs beyond it is the crossing.
 
-    python -m benchmarks.call_overhead [--device cuda] [--rows 1,16,128,1024]
+Latencies are `p50_us` and `p99_us` over up to 5000 calls (at most about 2 s each).
+
+    python -m benchmarks.call_overhead [--device cuda] [--rows 1,8,64]
 """
 from __future__ import annotations
 
@@ -21,17 +25,25 @@ import torch
 from benchmarks.common import ExpertServers, measure, run, save
 from benchmarks.moe_layer import layer_checkpoint
 from expert_service.client import ExpertClient
+from expert_service.experts import ExpertShard
 
 
-async def _probe(addresses: list[str], hidden: int, rows_list: list[int], device: str, dtype) -> list[dict]:
+async def _probe(addresses: list[str], hidden: int, rows_list: list[int], device: str, dtype,
+                 shard: ExpertShard) -> list[dict]:
     sync = torch.cuda.synchronize if device == "cuda" else None
     out = []
 
     async def timed(what, fn, **extra):
-        r = await measure(fn, sync=sync, budget_s=2.0, warmup=2)
-        out.append({"call": what, **extra, "ms": r["ms"], "p90_ms": r["p90_ms"]})
+        r = await measure(fn, sync=sync, budget_s=2.0, warmup=20, max_iters=5000)
+        out.append({"call": what, **extra, "p50_us": r["ms"] * 1e3, "p99_us": r["p99_ms"] * 1e3, "iters": r["iters"]})
         print(out[-1], flush=True)
 
+    for n in rows_list:
+        x = torch.randn(n, hidden, device=device, dtype=dtype)
+
+        async def math():
+            shard.forward(x, [(0, 0, n)])
+        await timed("math", math, transport="in-process", rows=n)
     kinds = [None, "cuda_ipc"] if device == "cuda" else [None, "shm"]
     for shared in kinds:
         clients = [ExpertClient(a, shared=shared) for a in addresses]
@@ -59,7 +71,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="mixtral-8x7b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rows", default="1,16,128,1024")
+    p.add_argument("--rows", default="1,8,64")
     p.add_argument("--name", default=None, help="results file name (default: call_overhead__DEVICE)")
     a = p.parse_args(argv)
     dtype = "bfloat16" if a.device == "cuda" else "float32"
@@ -67,10 +79,14 @@ def main(argv=None):
         ckpt = layer_checkpoint(a.preset, d, getattr(torch, dtype))
         n = ckpt.config.n_experts
         with ExpertServers(d, {f"expert-{e}": [e] for e in range(n)}, device=a.device, dtype=dtype) as servers:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(servers.threads)
+            shard = ExpertShard.load(ckpt, [(0, 0)], device=a.device, dtype=getattr(torch, dtype))
             rows = run(_probe(list(servers.addresses.values()), ckpt.config.hidden_size,
-                              [int(r) for r in a.rows.split(",")], a.device, getattr(torch, dtype)))
+                              [int(r) for r in a.rows.split(",")], a.device, getattr(torch, dtype), shard))
+            torch.set_num_threads(threads)
     save(a.name or f"call_overhead__{a.device}", rows, {"preset": a.preset, "dtype": dtype},
-         ["call", "transport", "rows", "ms", "p90_ms"])
+         ["call", "transport", "rows", "p50_us", "p99_us", "iters"])
 
 
 if __name__ == "__main__":

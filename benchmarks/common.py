@@ -30,7 +30,7 @@ def machine() -> dict:
 
 
 async def time_async(fn, *, iters: int, warmup: int = 2, sync=None) -> dict:
-    """Median and p90 wall time in ms of `await fn()`; `sync()` runs before each clock read (cuda)."""
+    """Median, p90 and p99 wall time in ms of `await fn()`; `sync()` runs before each clock read (cuda)."""
     for _ in range(warmup):
         await fn()
     times = []
@@ -43,17 +43,19 @@ async def time_async(fn, *, iters: int, warmup: int = 2, sync=None) -> dict:
             sync()
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
-    return {"ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))], "iters": iters}
+    return {"ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))],
+            "p99_ms": times[int(0.99 * (len(times) - 1))], "iters": iters}
 
 
 def iters_for(ms_estimate: float, budget_s: float = 3.0, lo: int = 3, hi: int = 200) -> int:
     return max(lo, min(hi, int(budget_s * 1e3 / max(ms_estimate, 1e-3))))
 
 
-async def measure(fn, *, sync=None, budget_s: float = 3.0, warmup: int = 1) -> dict:
-    """time_async with as many iterations as fit in about budget_s, from two timed tries."""
+async def measure(fn, *, sync=None, budget_s: float = 3.0, warmup: int = 1, max_iters: int = 200) -> dict:
+    """time_async with as many iterations as fit in about budget_s (at most max_iters), from two
+    timed tries."""
     est = (await time_async(fn, iters=2, warmup=warmup, sync=sync))["ms"]
-    return await time_async(fn, iters=iters_for(est, budget_s), sync=sync)
+    return await time_async(fn, iters=iters_for(est, budget_s, hi=max_iters), sync=sync)
 
 
 def save(name: str, rows: list[dict], meta: dict, columns: list[str]) -> Path:
@@ -89,7 +91,7 @@ class ExpertServers:
                  gpus: dict[str, int] | None = None):
         self.procs, self.addresses = [], {}
         # The cores shared out: OpenMP threads left spinning in idle servers slow the busy one.
-        threads = threads or max(1, (os.cpu_count() or 1) // len(shards))
+        threads = self.threads = threads or max(1, (os.cpu_count() or 1) // len(shards))
         for name, experts in shards.items():
             cmd = [sys.executable, "-m", "expert_service", "--model", str(model_dir), "--experts",
                    ",".join(map(str, experts)), "--device", device, "--dtype", dtype, "--threads", str(threads)]

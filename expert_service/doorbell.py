@@ -1,9 +1,9 @@
-"""A same-node session's doorbell: its Attach and Forwards over a Unix-domain socket.
+"""A same-node session's doorbell: its Attach, and its liveness, over a Unix-domain socket.
 
-A session's shared buffers already carry the rows, so all a call still moves is (rows, segments)
-one way and a status the other. On the H200 machine an empty gRPC round trip took 0.67 ms, against
-a layer's ~2 ms of expert math, and a whole one-row Forward through a CUDA IPC session and this
-socket 0.58 ms, its expert math included (benchmarks/call_overhead.py).
+The session's shared buffers carry the rows and its ring (expert_service/ring.py) each call's
+envelope and status, so the socket carries only the Attach, which passes the ring's control
+block and eventfds with the buffers, and then stays open: closing it (either side, or the process
+dying) detaches the session.
 
 The socket has an abstract name (Linux): no file to clean up, gone with the process, reachable
 from this network namespace only. Every connection is checked before it is read from:
@@ -15,24 +15,23 @@ from this network namespace only. Every connection is checked before it is read 
   `Limits.attach_bytes` long; it carries the data-plane key (expert_service/auth.py), checked in
   constant time, else UNAUTHENTICATED; and the session's buffers (memfd descriptors by
   SCM_RIGHTS, or CUDA IPC handles: no names another process could open);
-- later frames, Forwards, are at most what an envelope of `max_segments` segments needs, each
-  whole within `first_frame_s` of its start; a connection idle for `Limits.idle_s` is closed.
+- nothing may follow it (a byte after the Attach closes the connection); a session with no call
+  for `Limits.idle_s` is closed.
 
-A connection is its session: calls on it run one at a time, and closing it (either side, or the
-process dying) detaches the session. A client that cannot connect (another network namespace,
-not Linux) sends its rows as bytes over gRPC.
+A client that cannot connect (another network namespace, not Linux) sends its rows as bytes over
+gRPC.
 
 A Unix socket has no keepalive: a replica that stops without closing it (a stopped or wedged
-process) would hold a call until its deadline. So a call that has had no reply for 10 s asks the
+process) would hold a call until its deadline. So a call that has had no answer for 10 s asks the
 replica's gRPC Info (within 5 s: Doorbell.probe_after_s, probe_timeout_s); if that fails the call
 fails UNAVAILABLE, and the dispatcher retries it on another replica, within about the 15 s after
 which gRPC gives up on a silent connection. A replica that answers Info is busy, not gone.
 
 Frames: a 4-byte big-endian length, then msgpack.
-Attach: ["attach", key, kind, dtype, capacity, hidden, [handles], [events], device_uuid] (+ fds);
-reply [0, "", session, idle_s] or [code, details].
-Forward: [rows, [layer, expert, rows, layer, expert, rows, ...]]; reply [code, details].
-code is a grpc.StatusCode value (0 is OK).
+Attach: ["attach", key, kind, dtype, capacity, hidden, [handles], [events], device_uuid] with the
+descriptors (shm: the two buffers' memfds; then the ring's control memfd, the replica's eventfd
+and the client's); reply [0, "", session, idle_s] or [code, details]. code is a grpc.StatusCode
+value (0 is OK).
 """
 from __future__ import annotations
 
@@ -42,6 +41,7 @@ import os
 import socket
 import struct
 import sys
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -49,13 +49,13 @@ from dataclasses import dataclass
 import grpc
 import msgpack
 
-from expert_service import auth
+from expert_service import auth, ring
 from moe_core.codec import WireError
 
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct(">I")
-MAX_FDS = 2
+MAX_FDS = 5  # two shm buffers, the ring's control block and its two eventfds
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,6 @@ class Limits:
     first_frame_s: float = 2.0  # a frame, once started, arrives whole within this
     idle_s: float = 600.0       # a session's connection with no call for this long is closed
     attach_bytes: int = 4096    # key, two CUDA IPC descriptors and two event handles take under 1 KB
-
-
-def forward_bytes(max_segments: int) -> int:
-    """The largest Forward frame: msgpack of [rows, 3 * max_segments uint32s] (5 bytes each)."""
-    return 16 + 15 * (3 * max_segments + 1)
 
 
 class FrameError(WireError):
@@ -142,31 +137,19 @@ def parse_attach(frame) -> dict:
                 events=tuple(events), device_uuid=device_uuid)
 
 
-def parse_forward(frame, max_segments: int) -> tuple[int, list[tuple[int, int, int]]]:
-    if not (isinstance(frame, list) and len(frame) == 2 and isinstance(frame[0], int) and isinstance(frame[1], list)):
-        raise FrameError("a Forward frame is [rows, segments]")
-    rows, flat = frame
-    if len(flat) % 3 or len(flat) > 3 * max_segments:
-        raise FrameError(f"segments must be at most {max_segments} (layer, expert, rows) triples")
-    if not all(isinstance(v, int) and 0 <= v < 1 << 32 for v in [rows, *flat]):
-        raise FrameError("rows and segments must be integers in [0, 2**32)")
-    return rows, list(zip(flat[0::3], flat[1::3], flat[2::3]))
-
-
 def _code(c: grpc.StatusCode) -> int:
     return c.value[0]
 
 
 class DoorbellServer:
-    """`attach(request, fds, pid)` maps a session's buffers and returns its id, or raises
-    SharedError/WireError (INVALID_ARGUMENT) or Refused; `forward(session, rows, segments)` is the
-    servicer's call: None, or WireError (INVALID_ARGUMENT) or any other exception (INTERNAL);
-    `detach(session)` runs when the connection closes. `key()` is the data-plane key."""
+    """`attach(request, fds, pid)` maps a session's buffers, starts its ring and returns its id, or
+    raises SharedError/WireError (INVALID_ARGUMENT) or Refused; `detach(session)` runs when the
+    connection closes; `last_call(session)` is when its ring last served a call (monotonic).
+    `key` is the data-plane key."""
 
-    def __init__(self, attach, forward, detach, max_segments: int, key: str, limits: Limits = Limits()):
-        self.attach, self.forward, self.detach = attach, forward, detach
-        self.max_segments, self.key, self.limits = max_segments, key, limits
-        self.max_frame = forward_bytes(max_segments)
+    def __init__(self, attach, detach, last_call, key: str, limits: Limits = Limits()):
+        self.attach, self.detach, self.last_call = attach, detach, last_call
+        self.key, self.limits = key, limits
         self.path = f"\0moe-doorbell-{uuid.uuid4().hex}"
         self.peers: Counter[int] = Counter()  # open connections per pid
         self.refused: Counter[str] = Counter()  # why connections were turned away
@@ -244,23 +227,16 @@ class DoorbellServer:
             await writer.drain()
             if session is None:
                 return
+            # Calls go through the ring; the connection only says the client is there.
             while True:
-                try:
-                    frame = await read_frame(reader, self.max_frame, self.limits.first_frame_s, self.limits.idle_s)
-                    rows, segments = parse_forward(frame, self.max_segments)
-                    await self.forward(session, rows, segments)
-                    reply = [0, ""]
-                except FrameError as e:
-                    writer.write(pack([_code(grpc.StatusCode.INVALID_ARGUMENT), str(e)]))
+                idle = time.monotonic() - self.last_call(session)
+                if idle >= self.limits.idle_s:
                     break
-                except WireError as e:
-                    reply = [_code(grpc.StatusCode.INVALID_ARGUMENT), str(e)]
-                except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
-                    break  # gone, idle too long, or a frame that stopped half-way
-                except Exception as e:  # a fault of ours; the servicer has logged it
-                    reply = [_code(grpc.StatusCode.INTERNAL), f"expert compute failed: {type(e).__name__}"]
-                writer.write(pack(reply))
-                await writer.drain()
+                try:  # a byte (nothing may follow the Attach) or the end: either closes it
+                    await asyncio.wait_for(reader.read(1), self.limits.idle_s - idle)
+                    break
+                except asyncio.TimeoutError:
+                    continue
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         finally:
@@ -331,19 +307,40 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class Doorbell:
-    """The client end of one session's connection; a call at a time. `probe()` checks that the
-    replica is alive (its gRPC Info, within probe_timeout_s) and raises if not."""
+    """The client end of one session: its connection and its ring; a call at a time. `probe()`
+    checks that the replica is alive (its gRPC Info, within probe_timeout_s) and raises if not."""
     probe_after_s = 10.0
     probe_timeout_s = 5.0
 
-    def __init__(self, reader, writer, session: str, idle_s: float, probe=None):
+    def __init__(self, reader, writer, session: str, idle_s: float, control: ring.Control, wake: int,
+                 notify: int, probe=None, spin_s: float | None = None):
         self.reader, self.writer, self.probe = reader, writer, probe
         self.session, self.idle_s = session, idle_s
+        self.control, self.wake, self.notify = control, wake, notify  # ring the replica / rung by it
+        self.spin_s = ring.default_spin_s() if spin_s is None else spin_s
+        self.seq = 0
+        self._gone = asyncio.ensure_future(reader.read(1))  # done when the replica closes the connection
 
     @classmethod
     async def attach(cls, path: str, key: str, buffers, *, dtype: str, timeout: float, probe=None) -> Doorbell:
-        """Connects and attaches `buffers` (expert_service.shared.Buffers). Raises OSError when the
-        socket cannot be reached, grpc.aio.AioRpcError when the replica refuses the session."""
+        """Connects and attaches `buffers` (expert_service.shared.Buffers) with a new ring. Raises
+        OSError when the socket cannot be reached, grpc.aio.AioRpcError when the replica refuses
+        the session."""
+        control, control_fd = ring.Control.create()
+        wake, notify = ring.eventfd(), ring.eventfd()
+        try:
+            reader, writer, reply = await cls._attach(path, key, buffers, dtype, timeout,
+                                                      [*buffers.fds, control_fd, wake, notify])
+        except BaseException:
+            os.close(wake)
+            os.close(notify)
+            raise
+        finally:
+            os.close(control_fd)  # mapped here, and by the replica if it took the session
+        return cls(reader, writer, reply[2], float(reply[3]), control, wake, notify, probe)
+
+    @staticmethod
+    async def _attach(path, key, buffers, dtype, timeout, fds):
         sock = _unix_socket(path)
         try:
             frame = pack(["attach", key, buffers.kind, dtype, buffers.capacity, buffers.x.shape[1],
@@ -351,7 +348,7 @@ class Doorbell:
                           list(buffers.events) if buffers.kind == "cuda_ipc" else [], buffers.device_uuid])
             sock.setblocking(True)  # a small frame into an empty local socket: does not wait
             try:
-                socket.send_fds(sock, [frame], list(buffers.fds))
+                socket.send_fds(sock, [frame], fds)
             except OSError:  # refused and closed at once (a replica at its connection cap)
                 raise _error(grpc.StatusCode.UNAVAILABLE, "expert replica closed its doorbell") from None
             sock.setblocking(False)
@@ -373,54 +370,76 @@ class Doorbell:
         if reply[0]:
             writer.close()
             raise _error(_CODES.get(reply[0], grpc.StatusCode.UNKNOWN), str(reply[1]))
-        return cls(reader, writer, reply[2], float(reply[3]), probe)
+        return reader, writer, reply
 
     async def forward(self, rows: int, segments, timeout: float) -> None:
         """Raises grpc.aio.AioRpcError like a gRPC Forward would. After any error but a status
-        from the replica, the connection is closed and the session is no longer usable."""
-        flat = [v for seg in segments for v in seg]
+        from the replica, the session is closed and no longer usable."""
+        if self.closed:
+            raise _error(grpc.StatusCode.UNAVAILABLE, "expert replica closed its doorbell")
+        self.seq += 1
+        self.control.post(self.seq, rows, segments)
+        ring.ring(self.wake)
         try:
-            self.writer.write(pack([rows, flat]))
-            code, details = await self._reply(timeout)
+            await self._answer(timeout)
         except asyncio.TimeoutError:
             self.close()
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "doorbell call timed out") from None
-        except (asyncio.IncompleteReadError, ConnectionError, FrameError, ValueError, TypeError):
+        except ConnectionError:
             self.close()
             raise _error(grpc.StatusCode.UNAVAILABLE, "expert replica closed its doorbell") from None
         except grpc.aio.AioRpcError as e:  # the probe failed
             self.close()
             raise _error(grpc.StatusCode.UNAVAILABLE,
                          f"expert replica stopped answering (Info: {e.code().name})") from None
-        except BaseException:  # cancelled mid-call: the reply would be read by the next call
+        except BaseException:  # cancelled mid-call: the replica may still write the buffers
             self.close()
             raise
-        if code:
-            raise _error(_CODES.get(code, grpc.StatusCode.UNKNOWN), details)
+        w = self.control.words
+        if w[ring.CODE]:
+            raise _error(_CODES.get(w[ring.CODE], grpc.StatusCode.UNKNOWN), self.control.details())
 
-    async def _reply(self, timeout: float):
-        """The reply frame; every probe_after_s without one, the replica is probed."""
+    async def _answer(self, timeout: float) -> None:
+        """Until the replica has answered this call: a yield (so the layer's other calls post
+        theirs), a bounded spin, then the client's eventfd; every probe_after_s, the replica is
+        probed; its connection closing ends the wait UNAVAILABLE."""
+        w, seq = self.control.words, self.seq
+        await asyncio.sleep(0)
+        spin_until = time.perf_counter() + self.spin_s
+        while w[ring.RESP] != seq:
+            if time.perf_counter() >= spin_until:
+                break
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        read = asyncio.ensure_future(read_frame(self.reader))
-        try:
-            while True:
-                left = deadline - loop.time()
-                if left <= 0:
-                    raise asyncio.TimeoutError
-                done, _ = await asyncio.wait({read}, timeout=min(left, self.probe_after_s))
-                if done:
-                    return read.result()
-                if self.probe is not None and left > self.probe_after_s:
-                    await self.probe()
-        finally:
-            if not read.done():
-                read.cancel()
+        while w[ring.RESP] != seq:
+            ring.drain(self.notify)
+            if w[ring.RESP] == seq:
+                break
+            left = deadline - loop.time()
+            if left <= 0:
+                raise asyncio.TimeoutError
+            rung = loop.create_future()
+            loop.add_reader(self.notify, lambda: rung.done() or rung.set_result(None))
+            try:
+                done, _ = await asyncio.wait({rung, self._gone}, timeout=min(left, self.probe_after_s),
+                                            return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                loop.remove_reader(self.notify)
+            if self._gone in done and w[ring.RESP] != seq:
+                raise ConnectionError("expert replica closed its doorbell")
+            if not done and self.probe is not None and deadline - loop.time() > self.probe_after_s:
+                await self.probe()
 
     @property
     def closed(self) -> bool:
-        """Closed here, or by the replica (it closes idle sessions; the reader has seen the EOF)."""
-        return self.writer.is_closing() or self.reader.at_eof()
+        """Closed here, or by the replica (it closes idle sessions)."""
+        return self.writer.is_closing() or self._gone.done()
 
     def close(self) -> None:
+        if not self._gone.done():
+            self._gone.cancel()
+        if self.wake >= 0:
+            os.close(self.wake)
+            os.close(self.notify)
+            self.wake = self.notify = -1
         self.writer.close()

@@ -17,6 +17,7 @@ gRPC Attach and Detach are refused, so no buffer is ever opened by a name a clie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -27,7 +28,7 @@ import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from expert_service import auth, shared
+from expert_service import auth, ring, shared
 from expert_service.doorbell import DoorbellServer, Limits, Refused
 from expert_service.experts import ExpertShard
 from moe.v1 import common_pb2, expert_pb2
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
 MAX_MESSAGE_BYTES = 256 << 20  # what clients accept: the largest server's limit (MAX_ROWS x 4096 x fp32)
 MAX_ROWS = 1 << 14  # rows per call: the engine's 8192-token step, top-2, all to one replica
-MAX_SEGMENTS = 4096  # a replica serves a few dozen (layer, expert) pairs; more is a broken client
+MAX_SEGMENTS = ring.MAX_SEGMENTS  # a replica serves a few dozen (layer, expert) pairs; more is a broken client
 MAX_SESSION_BYTES = 8 << 30  # shared buffers mapped at once, all sessions together
 PARSE_INLINE_BYTES = 1 << 20  # larger requests are parsed on a worker thread
 # Segments: 2 bytes of tag and length plus three varints of up to 5 bytes; a tensor header; slack.
@@ -115,6 +116,8 @@ class ExpertServicer:
         self.sessions: dict[str, shared.Buffers] = {}  # same-node clients' shared buffers, by doorbell connection
         self.staging = Staging()  # pinned host buffer for GPU copies (used on the loop thread only)
         self.doorbell: DoorbellServer | None = None
+        self.ring: ring.RingServer | None = None  # serves the sessions' calls, on a thread of its own
+        self._ring_staging = Staging()
 
     def _parse(self, request: expert_pb2.ForwardRequest) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
         if len(request.segments) > MAX_SEGMENTS:
@@ -128,16 +131,6 @@ class ExpertServicer:
             x_TH = decode(request.hidden, allowed_dtypes=FLOAT_DTYPES, max_elements=self.max_elements,
                           expect_rank=2, expect_last_dim=self.hidden_size, name="hidden")
         return x_TH, self._check(segments, x_TH)
-
-    def _session_rows(self, session: str, rows: int) -> torch.Tensor:
-        buffers = self.sessions.get(session)
-        if buffers is None:
-            raise WireError("the session is gone")
-        if rows > buffers.capacity:
-            raise WireError(f"rows {rows} exceed the session's {buffers.capacity}")
-        if buffers.ready is not None:  # the client's rows are written once its event has fired
-            torch.cuda.current_stream(buffers.x.device).wait_event(buffers.ready)
-        return buffers.x[:rows]
 
     def _check(self, segments, x_TH: torch.Tensor):
         for layer, expert, _ in segments:
@@ -153,37 +146,54 @@ class ExpertServicer:
             check_finite(x_TH, "hidden")
         return segments
 
-    def _compute(self, x_TH: torch.Tensor, segments, session: str = "") -> common_pb2.Tensor | None:
-        if not session:
-            y_TH = self.shard.forward(self.staging.to_device(x_TH, self.device, self.dtype), segments)
-            return encode(self.staging.to_host(y_TH.to(x_TH.dtype)))
-        buffers = self.sessions[session]
+    def _compute(self, x_TH: torch.Tensor, segments) -> common_pb2.Tensor:
+        y_TH = self.shard.forward(self.staging.to_device(x_TH, self.device, self.dtype), segments)
+        return encode(self.staging.to_host(y_TH.to(x_TH.dtype)))
+
+    def forward_session(self, session: str, rows: int, segments) -> None:
+        """A call of a session's rows through its ring (on the ring's thread); raises WireError on
+        bad input."""
+        buffers = self.sessions.get(session)
+        if buffers is None:
+            raise WireError("the session is gone")
+        if rows > buffers.capacity:
+            raise WireError(f"rows {rows} exceed the session's {buffers.capacity}")
+        if buffers.ready is not None:  # the client's rows are written once its event has fired
+            torch.cuda.current_stream(buffers.x.device).wait_event(buffers.ready)
+        x_TH = buffers.x[:rows]
+        segments = self._check(segments, x_TH)
+        with self._counted(x_TH):
+            self._compute_session(x_TH, segments, buffers)
+
+    def _compute_session(self, x_TH: torch.Tensor, segments, buffers: shared.Buffers) -> None:
         out = buffers.y[:x_TH.shape[0]]
         if buffers.peer:  # on another GPU: one copy over the link each way, the GEMMs read local memory
             out.copy_(self.shard.forward(x_TH.to(self.dtype, copy=True), segments))
         elif x_TH.device == self.device and x_TH.dtype == self.dtype:  # in place: buffers in, buffers out
             self.shard.forward(x_TH, segments, out_TH=out)
         else:
-            y_TH = self.shard.forward(self.staging.to_device(x_TH, self.device, self.dtype), segments)
-            out.copy_(y_TH if out.is_cuda else self.staging.to_host(y_TH))
+            staging = self._ring_staging
+            y_TH = self.shard.forward(staging.to_device(x_TH, self.device, self.dtype), segments)
+            out.copy_(y_TH if out.is_cuda else staging.to_host(y_TH))
         if buffers.done is not None:  # the client's stream waits on it; nobody waits here
             buffers.done.record(torch.cuda.current_stream(out.device))
-        return None
 
-    async def _run(self, x_TH: torch.Tensor, segments, session: str = "") -> common_pb2.Tensor | None:
-        """Computes one call, counting it; a fault of ours (e.g. device OOM) is logged and re-raised."""
+    async def _run(self, x_TH: torch.Tensor, segments) -> common_pb2.Tensor:
+        """Computes one gRPC call, counting it; a fault of ours (e.g. device OOM) is logged and re-raised."""
+        with self._counted(x_TH):
+            if x_TH.shape[0] * self.work_per_row < self.inline_below:
+                return self._compute(x_TH, segments)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._compute, x_TH, segments)
+
+    @contextlib.contextmanager
+    def _counted(self, x_TH: torch.Tensor):
         self.in_flight += 1
         self.rows_in_flight += x_TH.shape[0]
         started = time.perf_counter()
         try:
-            if x_TH.shape[0] * self.work_per_row < self.inline_below:
-                output = self._compute(x_TH, segments, session)
-            else:
-                output = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, self._compute, x_TH, segments, session)
+            yield
             self.calls += 1
             self.rows += x_TH.shape[0]
-            return output
         except Exception:
             log.exception("expert compute failed")
             raise
@@ -198,15 +208,10 @@ class ExpertServicer:
         except WireError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
-            output = await self._run(x_TH, segments, request.session)
+            output = await self._run(x_TH, segments)
         except Exception as e:
             await context.abort(grpc.StatusCode.INTERNAL, f"expert compute failed: {type(e).__name__}")
         return expert_pb2.ForwardReply(output=output)
-
-    async def forward_session(self, session: str, rows: int, segments) -> None:
-        """A Forward of a session's rows through the doorbell; raises WireError on bad input."""
-        x_TH = self._session_rows(session, rows)
-        await self._run(x_TH, self._check(segments, x_TH), session)
 
     async def Attach(self, request, context):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -217,7 +222,9 @@ class ExpertServicer:
                             "a session is detached by closing its doorbell connection")
 
     def attach(self, request: dict, fds: list[int], pid: int) -> str:
-        """A doorbell connection's Attach (its key already checked): maps the buffers it passed."""
+        """A doorbell connection's Attach (its key already checked): maps the buffers it passed and
+        starts serving its ring (the last three descriptors: control block, replica's eventfd,
+        client's eventfd)."""
         if request["hidden"] != self.hidden_size:
             raise WireError(f"hidden_size {request['hidden']} != this replica's {self.hidden_size}")
         if request["dtype"] not in FLOAT_DTYPES:
@@ -228,22 +235,39 @@ class ExpertServicer:
         if mapped + nbytes > self.max_session_bytes:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"shared buffers of {mapped} bytes mapped already (limit {self.max_session_bytes})")
+        buffer_fds = 2 if request["kind"] == "shm" else 0
+        if len(fds) != buffer_fds + 3:
+            raise WireError(f"a {request['kind']} session passes {buffer_fds + 3} file descriptors "
+                            f"({buffer_fds} buffers, the ring's control block and two eventfds), got {len(fds)}")
+        control, wake, notify = fds[buffer_fds:]
+        shared.check_fd(control, ring.CONTROL_BYTES)
+        try:
+            ring.check_eventfd(wake)
+            ring.check_eventfd(notify)
+        except (OSError, ValueError) as e:
+            raise WireError(str(e)) from None
         buffers = shared.open_remote(request["kind"], request["capacity"], request["hidden"], request["dtype"],
-                                     fds=fds, handles=request["handles"], events=request["events"],
+                                     fds=fds[:buffer_fds], handles=request["handles"], events=request["events"],
                                      device=self.device, device_uuid=request["device_uuid"], max_rows=self.max_rows)
         session = uuid.uuid4().hex
         self.sessions[session] = buffers
+        self.ring.add(session, control, wake, notify)
         return session
 
     def detach(self, session: str) -> None:
-        self.sessions.pop(session, None)
+        if self.sessions.pop(session, None) is not None:
+            self.ring.remove(session)
 
     async def start_doorbell(self) -> None:
-        """Opens the Unix socket that same-node sessions attach and call through."""
+        """Opens the Unix socket that same-node sessions attach through, and their ring's thread."""
         if self.doorbell is None:
-            bell = DoorbellServer(self.attach, self.forward_session, self.detach, MAX_SEGMENTS, self.key, self.limits)
+            bell = DoorbellServer(self.attach, self.detach, self._last_call, self.key, self.limits)
             if await bell.start():
+                self.ring = ring.RingServer(self.forward_session, setup=ring.set_threads_and_device(self.device))
                 self.doorbell = bell
+
+    def _last_call(self, session: str) -> float:
+        return self.ring.last_call(session)
 
     async def Info(self, request, context):
         return expert_pb2.InfoReply(
@@ -256,11 +280,15 @@ class ExpertServicer:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.doorbell is not None:
             self.doorbell.close()
+        if self.ring is not None:
+            self.ring.stop()
 
     async def stop_doorbell(self) -> None:
         """Closes the doorbell and waits until its accept loop and connections have ended."""
         if self.doorbell is not None:
             await self.doorbell.stop()
+        if self.ring is not None:
+            self.ring.stop()
 
 
 def _unary(servicer: ExpertServicer, method, request_cls, reply_cls, scan_limits: dict | None = None

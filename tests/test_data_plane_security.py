@@ -14,7 +14,7 @@ import msgpack
 import pytest
 import torch
 
-from expert_service import auth, doorbell, shared
+from expert_service import auth, doorbell, ring, shared
 from expert_service.client import FALLBACKS, ExpertClient
 from expert_service.experts import ExpertShard
 from moe.v1 import common_pb2, expert_pb2, expert_pb2_grpc
@@ -143,8 +143,8 @@ def _varint(n: int) -> bytes:
 
 
 ATTACKER = r"""
-import json, socket, sys, time
-from expert_service import doorbell, shared, auth
+import json, os, socket, sys, time
+from expert_service import doorbell, ring, shared, auth
 import torch
 path, mode, n = "\0" + sys.argv[1], sys.argv[2], int(sys.argv[3])
 held, codes = [], {}
@@ -156,12 +156,15 @@ for i in range(n):
         s.sendall(doorbell._LEN.pack(4000) + b"\x99" * 100)
     else:  # whole, authenticated Attaches, kept open
         b = shared.create("shm", 64, %d, torch.float32)
+        control, control_fd = ring.Control.create()
+        wake = [ring.eventfd(), ring.eventfd()]
         try:
             socket.send_fds(s, [doorbell.pack(["attach", auth.data_key(), "shm", "float32", 64, %d, [], [], ""])],
-                            list(b.fds))
+                            [*b.fds, control_fd, *wake])
         except OSError:  # refused before it was read: the reply is waiting
             pass
         b.close_fds()
+        os.close(control_fd)
     held.append(s)
     if mode != "partial":
         try:
@@ -240,8 +243,11 @@ def test_a_process_holding_thousands_of_sessions_or_partial_frames_cannot_deny_s
     ("unsealed", "sealed against shrinking"),
     ("size", "the session needs"),
     ("pipe", "regular memory file"),
-    ("one", "two file descriptors"),
+    ("one", "passes 5 file descriptors"),
     ("rows", "capacity"),
+    ("control_size", "the session needs"),
+    ("control_unsealed", "sealed against shrinking"),
+    ("wake_pipe", "must be eventfds"),
 ])
 def test_buffers_that_could_hurt_the_replica_are_refused(server, key, bad, msg):
     p, address, shard = server
@@ -264,6 +270,20 @@ def test_buffers_that_could_hurt_the_replica_are_refused(server, key, bad, msg):
                 import fcntl
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
             fds.append(fd)
+        control, control_fd = ring.Control.create()
+        if bad.startswith("control"):
+            os.close(control_fd)
+            control_fd = os.memfd_create("c", os.MFD_ALLOW_SEALING)
+            os.ftruncate(control_fd, ring.CONTROL_BYTES + (4096 if bad == "control_size" else 0))
+            if bad != "control_unsealed":
+                import fcntl
+                fcntl.fcntl(control_fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        wake = ring.eventfd()
+        if bad == "wake_pipe":
+            os.close(wake)
+            wake, w = os.pipe()
+            os.close(w)
+        fds += [control_fd, wake, ring.eventfd()]
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(5)
             s.connect(path)

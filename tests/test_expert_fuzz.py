@@ -1,7 +1,10 @@
 """Generated malformed ForwardRequests against a real ExpertService: every one is answered OK or
 INVALID_ARGUMENT (never INTERNAL/UNKNOWN, never a trace), and the server still computes right after."""
+import array
 import asyncio
 import math
+import os
+import select
 import socket
 import threading
 
@@ -12,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from expert_service import auth, doorbell, shared
+from expert_service import auth, doorbell, ring, shared
 from expert_service.experts import ExpertShard, expert_ffn
 from expert_service.server import CHANNEL_OPTIONS, ExpertServicer, start_server
 from moe.v1 import common_pb2, expert_pb2, expert_pb2_grpc
@@ -164,13 +167,17 @@ def test_fuzzed_requests_are_refused_cleanly_then_valid_one_answers(served):
     assert servicer.in_flight == 0
 
 
-def test_fuzzed_doorbell_frames_are_refused_cleanly_then_a_valid_call_answers(served):
-    """The doorbell of a same-node session: random bytes, random msgpack and near-valid frames, as
-    a connection's first frame (the Attach) and after a valid Attach, get INVALID_ARGUMENT (or
-    UNAUTHENTICATED, or OK when valid) and never break the server; a valid call answers after."""
+def test_fuzzed_doorbell_frames_and_ring_envelopes_are_refused_cleanly_then_a_valid_call_answers(served):
+    """A same-node session: random bytes, random msgpack and near-valid frames as a connection's
+    first frame (the Attach) get INVALID_ARGUMENT (or UNAUTHENTICATED, or OK when valid) or a
+    closed connection; random envelopes written into an attached session's ring get OK or
+    INVALID_ARGUMENT; neither breaks the server, and a valid call answers after."""
     state, servicer, channel = served
     buffers = shared.create("shm", 8, H, torch.float32)
     buffers.x.copy_(torch.randn(8, H))
+    control, control_fd = ring.Control.create()
+    wake, notify = ring.eventfd(), ring.eventfd()
+    fds = [*buffers.fds, control_fd, wake, notify]
     path = servicer.doorbell.path
 
     def read(s):
@@ -179,26 +186,16 @@ def test_fuzzed_doorbell_frames_are_refused_cleanly_then_a_valid_call_answers(se
             return None
         return msgpack.unpackb(s.recv(int.from_bytes(head, "big"), socket.MSG_WAITALL))
 
-    def attach_frame(key=servicer.key):
-        return doorbell.pack(["attach", key, "shm", "float32", 8, H, [], [], ""])
-
-    def call(frame: bytes, attached: bool):
+    def first(frame: bytes):
         """[code, details] on a new connection, or None when the server closed it without one."""
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(10)
             s.connect(path)
-            if attached:
-                socket.send_fds(s, [attach_frame()], list(buffers.fds))
-                assert read(s)[0] == 0
-                s.sendall(frame)
-            else:
-                socket.send_fds(s, [frame], list(buffers.fds))
+            socket.send_fds(s, [frame], fds)
             out = read(s)
             return out if out is None else out[:2]
 
     values = st.one_of(st.integers(-2, 2**33), st.text(max_size=8), st.none(), st.floats(), st.binary(max_size=8))
-    near = st.tuples(st.integers(-1, 10),
-                     st.lists(st.one_of(st.sampled_from([0, 1, 7, 2, 3, 8]), values), max_size=9)).map(list)
     near_attach = st.tuples(st.just("attach"), st.sampled_from([servicer.key, "", "0" * 64]),
                             st.sampled_from(["shm", "cuda_ipc", ""]), st.sampled_from(["float32", "int8"]),
                             st.integers(-1, 1 << 20), st.sampled_from([H, H + 1, 0]), st.just([]), st.just([]),
@@ -206,14 +203,14 @@ def test_fuzzed_doorbell_frames_are_refused_cleanly_then_a_valid_call_answers(se
     frames = st.one_of(
         st.binary(max_size=64).map(lambda b: len(b).to_bytes(4, "big") + b),   # not msgpack
         st.recursive(values, lambda c: st.lists(c, max_size=4), max_leaves=8).map(doorbell.pack),
-        near.map(doorbell.pack), near_attach.map(doorbell.pack))
+        near_attach.map(doorbell.pack))
     seen = {}
     allowed = {0, grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.UNAUTHENTICATED.value[0]}
 
-    @settings(max_examples=300, **SETTINGS)
-    @given(frames, st.booleans())
-    def fuzz(frame, attached):
-        out = call(frame, attached)
+    @settings(max_examples=200, **SETTINGS)
+    @given(frames)
+    def fuzz_attach(frame):
+        out = first(frame)
         kind = "closed" if out is None else out[0]
         seen[kind] = seen.get(kind, 0) + 1
         if out is not None:
@@ -221,11 +218,45 @@ def test_fuzzed_doorbell_frames_are_refused_cleanly_then_a_valid_call_answers(se
             assert code in allowed, out
             assert code == 0 or (details and "Traceback" not in details)
 
-    try:
-        fuzz()
-        assert seen.get(grpc.StatusCode.INVALID_ARGUMENT.value[0], 0) >= 100, seen
-        assert call(doorbell.pack([3, [1, 7, 3]]), True) == [0, ""]
-        want = reference(state, buffers.x[:3], [expert_pb2.Segment(layer=1, expert=7, rows=3)])
-        torch.testing.assert_close(buffers.y[:3], want, rtol=1e-5, atol=1e-6)
-    finally:
-        buffers.close_fds()
+    with socket.socket(socket.AF_UNIX) as s:  # one attached session whose ring gets the envelopes
+        s.settimeout(10)
+        s.connect(path)
+        socket.send_fds(s, [doorbell.pack(["attach", servicer.key, "shm", "float32", 8, H, [], [], ""])], fds)
+        assert read(s)[0] == 0
+        w, seq, ring_codes = control.words, [0], {}
+
+        def call(rows, flat, nseg=None) -> tuple[int, str]:
+            seq[0] += 1
+            w[ring.ROWS], w[ring.NSEG] = rows, len(flat) // 3 if nseg is None else nseg
+            w[ring.SEG:ring.SEG + len(flat)] = array.array("q", flat)
+            w[ring.REQ] = seq[0]
+            ring.ring(wake)
+            for _ in range(10_000):
+                if w[ring.RESP] == seq[0]:
+                    return w[ring.CODE], control.details()
+                select.select([notify], [], [], 0.01)
+                ring.drain(notify)
+            raise AssertionError("no answer from the ring")
+
+        word = st.one_of(st.sampled_from([0, 1, 7, 2, 3, 8]), st.integers(-(2**63), 2**63 - 1))
+
+        @settings(max_examples=200, **SETTINGS)
+        @given(word, st.lists(word, max_size=12), st.one_of(st.none(), word))
+        def fuzz_ring(rows, flat, nseg):
+            code, details = call(rows, flat, nseg)
+            ring_codes[code] = ring_codes.get(code, 0) + 1
+            assert code in {0, grpc.StatusCode.INVALID_ARGUMENT.value[0]}, (code, details)
+            assert code == 0 or (details and "Traceback" not in details)
+
+        try:
+            fuzz_attach()
+            assert seen.get(grpc.StatusCode.INVALID_ARGUMENT.value[0], 0) >= 50, seen
+            fuzz_ring()
+            assert ring_codes.get(grpc.StatusCode.INVALID_ARGUMENT.value[0], 0) >= 100, ring_codes
+            assert call(3, [1, 7, 3]) == (0, "")
+            want = reference(state, buffers.x[:3], [expert_pb2.Segment(layer=1, expert=7, rows=3)])
+            torch.testing.assert_close(buffers.y[:3], want, rtol=1e-5, atol=1e-6)
+        finally:
+            buffers.close_fds()
+            for fd in (control_fd, wake, notify):
+                os.close(fd)

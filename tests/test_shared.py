@@ -1,13 +1,13 @@
 """The same-node fast path: tensors through shared buffers, gRPC carrying only the envelope."""
 import asyncio
 import os
+import threading
 
 import grpc
-import msgpack
 import pytest
 import torch
 
-from expert_service import auth, doorbell, shared
+from expert_service import auth, doorbell, ring, shared
 from expert_service.client import FALLBACKS, ExpertClient
 from expert_service.experts import ExpertShard
 from expert_service.server import ExpertServicer, start_server
@@ -89,15 +89,13 @@ async def _attached(servicer, capacity=8, hidden=32, key=None, buffers=None):
     return b, bell
 
 
-async def _call(reader, writer, frame: bytes):
-    writer.write(frame)
-    return await asyncio.wait_for(doorbell.read_frame(reader), 5)
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
-INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-
-
-def test_doorbell_answers_bad_frames_and_detaches_on_close():
+def test_ring_answers_bad_calls_and_detaches_on_close():
+    """Bad input in a call through the ring gets INVALID_ARGUMENT naming it, and the session stays
+    usable; an envelope no client would write (too many segments, negative values) the same; a
+    byte on the doorbell after the Attach, or closing it, ends the session."""
     shard = _shard()
 
     async def go():
@@ -106,32 +104,34 @@ def test_doorbell_answers_bad_frames_and_detaches_on_close():
         b, bell = await _attached(servicer)
         try:
             assert bell.session in servicer.sessions
-            reader, writer = bell.reader, bell.writer
             x = torch.randn(5, 32)
             b.x[:5] = x
-            ok = doorbell.pack([5, [0, 1, 5]])
-            assert await _call(reader, writer, ok) == [0, ""]
+            await bell.forward(5, [(0, 1, 5)], timeout=5)
             assert torch.equal(b.y[:5], shard.forward(x, [(0, 1, 5)]))
-            # Bad input in a well-formed frame: a named error, and the connection stays usable.
-            for frame, msg in [([9, [0, 1, 9]], "exceed the session's 8"),
-                               ([5, [0, 7, 5]], "does not serve layer 0 expert 7"),
-                               ([5, [0, 1, 4]], "segments cover 4 rows")]:
-                code, details = await _call(reader, writer, doorbell.pack(frame))
-                assert code == INVALID and msg in details, (frame, details)
+            for rows, segments, msg in [(9, [(0, 1, 9)], "exceed the session's 8"),
+                                        (5, [(0, 7, 5)], "does not serve layer 0 expert 7"),
+                                        (5, [(0, 1, 4)], "segments cover 4 rows"),
+                                        (5, [(0, 1, -5)], "integers in [0, 2**32)"),
+                                        (-1, [], "integers in [0, 2**32)")]:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await bell.forward(rows, segments, timeout=5)
+                assert e.value.code() == INVALID and msg in e.value.details(), (rows, segments, e.value.details())
+            w = bell.control.words  # a count of segments past the limit, written by hand
+            bell.seq += 1
+            w[ring.NSEG], w[ring.REQ] = ring.MAX_SEGMENTS + 1, bell.seq
+            ring.ring(bell.wake)
+            await bell._answer(5)
+            assert w[ring.CODE] == INVALID.value[0] and "at most 4096" in bell.control.details()
             b.x[0, 0] = float("nan")
-            code, details = await _call(reader, writer, ok)
-            assert code == INVALID and "NaN or infinite" in details
-            assert servicer.calls == 1
-            # A frame that is not [rows, segments], or too large: named, then the connection is closed.
-            for frame in [msgpack.packb({"a": 1}), b"\xc1", msgpack.packb([-1, []]), msgpack.packb([1, [0, 0]]),
-                          None]:
-                b2, bell2 = await _attached(servicer)
-                data = (doorbell._LEN.pack(len(frame)) + frame if frame is not None
-                        else doorbell._LEN.pack(servicer.doorbell.max_frame + 1))
-                code, details = await _call(bell2.reader, bell2.writer, data)
-                assert code == INVALID and details
-                assert await bell2.reader.read() == b""
-                bell2.close()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await bell.forward(5, [(0, 1, 5)], timeout=5)
+            assert e.value.code() == INVALID and "NaN or infinite" in e.value.details()
+            assert servicer.calls == 1 and not bell.closed
+            # Anything written to the doorbell after the Attach closes the session.
+            b2, bell2 = await _attached(servicer)
+            bell2.writer.write(b"\0")
+            assert await asyncio.wait_for(bell2._gone, 5) == b""
+            bell2.close()
             assert bell.session in servicer.sessions
             bell.close()  # the session's own connection: closing it detaches the session
             for _ in range(100):
@@ -165,18 +165,19 @@ def test_a_cancelled_call_drops_its_session_and_an_unreachable_doorbell_falls_ba
                 return
             assert client.shared == "shm" and len(client._free) == 1
             stale = client._free[0]
-            slow = servicer._run
+            slow, release = servicer.ring.serve, threading.Event()
 
-            async def held(*args):  # the replica is still computing when the caller gives up
-                await asyncio.sleep(0.3)
-                return await slow(*args)
-            servicer._run = held
+            def held(*args):  # the replica is still computing when the caller gives up
+                release.wait(10)
+                return slow(*args)
+            servicer.ring.serve = held
             task = asyncio.ensure_future(client.forward(x, [(0, 2, 6)], timeout=10))
             await asyncio.sleep(0.1)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            servicer._run = slow
+            servicer.ring.serve = slow
+            release.set()
             assert stale not in client._free  # its buffers may still be written: never reused
             for _ in range(100):
                 if stale.id not in servicer.sessions:
@@ -222,7 +223,7 @@ def test_a_silent_doorbell_call_probes_the_replica(alive, monkeypatch):
 
     async def go():
         servicer = ExpertServicer(shard)
-        probes, info, wedge = [], servicer.Info, asyncio.Event()
+        probes, info, wedge, release = [], servicer.Info, asyncio.Event(), threading.Event()
 
         async def probed(request, context):  # start_server binds the servicer's methods: wrap first
             if wedge.is_set():
@@ -237,15 +238,14 @@ def test_a_silent_doorbell_call_probes_the_replica(alive, monkeypatch):
             x = torch.randn(4, 32)
             assert torch.equal(await client.forward(x, [(0, 0, 4)], timeout=10), shard.forward(x, [(0, 0, 4)]))
 
-            async def wedged(*args):
-                await asyncio.Event().wait()
-            servicer._run = wedged
+            servicer.ring.serve = lambda *args: release.wait()  # the ring thread: no answer
             wedge.set()
             started = asyncio.get_running_loop().time()
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await client.forward(x, [(0, 0, 4)], timeout=1.5)
             return e.value, asyncio.get_running_loop().time() - started, len(probes)
         finally:
+            release.set()
             await client.close()
             await server.stop(None)
             servicer.close()

@@ -1,0 +1,216 @@
+"""A same-node session's calls through a control block both processes map: no socket and no
+event-loop wake-up on the hot path.
+
+A call: the client writes its rows into the session's input buffer and the envelope (rows and
+(layer, expert, rows) segments) into the control block, bumps `req`, and rings the replica's
+eventfd; the replica's ring thread computes, writes the status, sets `resp` to `req` and rings
+the client's eventfd. Each side first spins on the other's counter for a bounded time (`spin_s`;
+none on a machine with few cores, where a spinner takes the core its peer needs), then blocks on
+its eventfd. Every post rings the eventfd, so a sleeper is never missed without the store-load
+fence Python cannot issue.
+
+The control block is a sealed memfd and the two eventfds pass with the Attach over the doorbell
+socket (expert_service/doorbell.py), which stays open for liveness: closing it detaches the
+session, and a client with no answer for a while probes the replica's Info.
+
+Layout, int64 words: 0 req, 1 resp, 2 rows, 3 segments, 4 status (a grpc.StatusCode value),
+5 details length; the segments from word 8 (three words each), then the details (utf-8).
+"""
+from __future__ import annotations
+
+import array
+import fcntl
+import mmap
+import os
+import select
+import threading
+import time
+
+import torch
+
+REQ, RESP, ROWS, NSEG, CODE, DLEN, SEG = 0, 1, 2, 3, 4, 5, 8
+MAX_SEGMENTS = 4096
+DETAILS_BYTES = 1024
+_DETAILS_AT = 8 * (SEG + 3 * MAX_SEGMENTS)
+CONTROL_BYTES = _DETAILS_AT + DETAILS_BYTES
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_INVALID, _INTERNAL = 3, 13  # grpc.StatusCode.INVALID_ARGUMENT, INTERNAL
+
+
+def default_spin_s() -> float:
+    """How long a side spins before it blocks: 50 us where cores are plenty, else none."""
+    return 50e-6 if (os.cpu_count() or 1) >= 8 else 0.0
+
+
+class Control:
+    """The control block's mapping: `words` (int64) and the details bytes."""
+
+    def __init__(self, fd: int):
+        self.map = mmap.mmap(fd, CONTROL_BYTES)
+        self.words = memoryview(self.map).cast("q")
+
+    @classmethod
+    def create(cls) -> tuple[Control, int]:
+        fd = os.memfd_create("moe-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, CONTROL_BYTES)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        return cls(fd), fd
+
+    def details(self) -> str:
+        n = min(max(self.words[DLEN], 0), DETAILS_BYTES)
+        return self.map[_DETAILS_AT:_DETAILS_AT + n].decode("utf-8", "replace")
+
+    def answer(self, code: int, details: str = "") -> None:
+        data = details.encode()[:DETAILS_BYTES]
+        self.map[_DETAILS_AT:_DETAILS_AT + len(data)] = data
+        w = self.words
+        w[CODE], w[DLEN] = code, len(data)
+        w[RESP] = w[REQ]
+
+    def post(self, seq: int, rows: int, segments) -> None:
+        w = self.words
+        flat = array.array("q", [v for seg in segments for v in seg])
+        w[ROWS], w[NSEG] = rows, len(segments)
+        w[SEG:SEG + len(flat)] = flat
+        w[REQ] = seq
+
+    def envelope(self) -> tuple[int, list[tuple[int, int, int]]]:
+        """(rows, segments) as the client wrote them, copied out first and then checked (the
+        client may rewrite the block meanwhile); raises ValueError naming the problem."""
+        w = self.words
+        rows, n = w[ROWS], w[NSEG]
+        if not 0 <= n <= MAX_SEGMENTS:
+            raise ValueError(f"segments must be at most {MAX_SEGMENTS} (layer, expert, rows) triples, got {n}")
+        flat = w[SEG:SEG + 3 * n].tolist()
+        if not all(0 <= v < 1 << 32 for v in [rows, *flat]):
+            raise ValueError("rows and segments must be integers in [0, 2**32)")
+        return rows, list(zip(flat[0::3], flat[1::3], flat[2::3]))
+
+
+def eventfd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def ring(fd: int) -> None:
+    try:
+        os.eventfd_write(fd, 1)
+    except OSError:  # the other side has gone
+        pass
+
+
+def drain(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
+def check_eventfd(fd: int) -> None:
+    """A descriptor the replica may ring: an eventfd (anything else is refused)."""
+    if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]":
+        raise ValueError("a session's wake-up descriptors must be eventfds")
+
+
+class _Served:
+    def __init__(self, control: Control, wake: int, notify: int):
+        self.control, self.wake, self.notify = control, wake, notify
+        self.seen = control.words[REQ]
+        self.last = time.monotonic()
+
+
+class RingServer:
+    """The replica's end: one thread serves the rings of all its sessions, in turn.
+
+    `serve(session, rows, segments)` runs a call (on this thread); a ValueError (bad input)
+    answers INVALID_ARGUMENT with its message, any other exception INTERNAL."""
+
+    def __init__(self, serve, spin_s: float | None = None, setup=None):
+        self.serve, self.setup = serve, setup
+        self.spin_s = default_spin_s() if spin_s is None else spin_s
+        self._sessions: dict[str, _Served] = {}
+        self._closing: list[_Served] = []
+        self._lock = threading.Lock()
+        self._poke = eventfd()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="expert-ring", daemon=True)
+        self._thread.start()
+
+    def add(self, session: str, control_fd: int, wake_fd: int, notify_fd: int) -> None:
+        """Takes the session's control block and duplicates of its two eventfds."""
+        served = _Served(Control(control_fd), os.dup(wake_fd), os.dup(notify_fd))
+        with self._lock:
+            self._sessions[session] = served
+        ring(self._poke)
+
+    def remove(self, session: str) -> None:
+        with self._lock:
+            served = self._sessions.pop(session, None)
+            if served is not None:
+                self._closing.append(served)
+        ring(self._poke)
+
+    def last_call(self, session: str) -> float:
+        served = self._sessions.get(session)
+        return served.last if served is not None else 0.0
+
+    def stop(self) -> None:
+        self._stopped = True
+        ring(self._poke)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        if self.setup is not None:
+            self.setup()
+        poller, polled, idle_since = None, None, time.monotonic()
+        while not self._stopped:
+            with self._lock:
+                sessions = list(self._sessions.items())
+                closing, self._closing = self._closing, []
+            for served in closing:  # closed here, where no poll uses them any more
+                os.close(served.wake)
+                os.close(served.notify)
+                polled = None
+            busy = False
+            for session, served in sessions:
+                if served.control.words[REQ] != served.seen:
+                    self._call(session, served)
+                    busy = True
+            now = time.monotonic()
+            if busy:
+                idle_since = now
+                continue
+            if now - idle_since < self.spin_s:
+                os.sched_yield()
+                continue
+            if polled is None or len(polled) != len(sessions) + 1:
+                poller, polled = select.poll(), [self._poke] + [s.wake for _, s in sessions]
+                for fd in polled:
+                    poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll(1000):
+                drain(fd)
+            idle_since = time.monotonic()
+
+    def _call(self, session: str, served: _Served) -> None:
+        c = served.control
+        served.seen = c.words[REQ]
+        served.last = time.monotonic()
+        try:
+            rows, segments = c.envelope()
+            self.serve(session, rows, segments)
+            c.answer(0)
+        except ValueError as e:  # WireError is one
+            c.answer(_INVALID, str(e))
+        except Exception as e:  # a fault of ours; the servicer has logged it
+            c.answer(_INTERNAL, f"expert compute failed: {type(e).__name__}")
+        ring(served.notify)
+
+
+def set_threads_and_device(device: torch.device):
+    """The ring thread's setup: this process's thread count and the replica's GPU."""
+    threads = torch.get_num_threads()
+
+    def setup():
+        torch.set_num_threads(threads)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    return setup
