@@ -16,8 +16,8 @@ from benchmarks.common import RESULTS, table
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
-ORDER = ["codec", "moe_layer", "decode_floor", "decode", "e2e"]
-GPU_ONLY = ["expert_math", "call_overhead", "multi_gpu"]
+ORDER = ["codec", "call_overhead", "moe_layer", "decode_floor", "decode", "e2e"]
+GPU_ONLY = ["expert_math", "multi_gpu"]
 
 # How a variant is compared with its base: the columns that identify a row, the figure, and whether
 # higher is better. The transformers row's label carries its expert implementation; compare by system.
@@ -114,6 +114,8 @@ def targets(res: dict[str, dict]) -> list[dict]:
                       f"{ratio:.2f}x ({row['tokens_per_s']:.0f} vs {hf['tokens_per_s']:.0f})" if ratio else "-",
                       ">= 10x", None if ratio is None else ratio >= 10))
 
+    out += crossing_targets(res, dec)
+
     codec = res.get("codec")
     rows = [r for r in (codec or {}).get("rows", [])
             if r.get("path") == "codec" and r.get("options") == "tuned" and r.get("MB", 0) >= 16]
@@ -121,6 +123,41 @@ def targets(res: dict[str, dict]) -> list[dict]:
     out.append(_check("codec encode -> gRPC -> decode, each way, loopback (tuned, tensors >= 16 MB)",
                       f"{worst['GBps_each_way']:.3g} GB/s (at {worst['MB']:g} MB)" if worst else "-", ">= 1 GB/s",
                       None if worst is None else worst["GBps_each_way"] >= 1.0))
+    return out
+
+
+def crossing_targets(res: dict[str, dict], dec: list[dict]) -> list[dict]:
+    """A one-row call's p50 over the same-node session (CUDA IPC on the H200, /dev/shm on CPU),
+    and the served path's tokens/s against the in-process engine's from the same decode run."""
+    out = []
+    for name, transport, goal, where in (("call_overhead__h200", "cuda_ipc", 100, "CUDA IPC, H200, Mixtral-8x7B expert"),
+                                         ("call_overhead", "shm", 150, "/dev/shm, CPU, bench-preset expert")):
+        rows = res.get(name, {}).get("rows", [])
+        call = next((r for r in rows if r.get("call") == "forward" and r.get("transport") == transport
+                     and r.get("rows") == 1 and "p50_us" in r), None)
+        math = next((r for r in rows if r.get("call") == "math" and r.get("rows") == 1), None)
+        measured = "-" if call is None else f"{call['p50_us']:.0f} us" + (
+            f" (its math alone {math['p50_us']:.0f} us)" if math else "")
+        out.append(_check(f"one-row expert call p50 over {where}", measured, f"<= {goal} us",
+                          None if call is None else call["p50_us"] <= goal))
+    runs = {}
+    for n, d in res.items():
+        if n.startswith("decode__h200"):
+            systems = {r["system"].split(" ")[0] for r in d["rows"]}
+            if {"in-process", "served"} <= systems:
+                runs[(d["machine"].get("date", ""), n)] = d
+    latest = runs[max(runs)] if runs else None
+    ratios = []
+    for r in (latest or {}).get("rows", []):
+        if r["system"].startswith("served") and r["context"] == 128:
+            base = next((b for b in latest["rows"] if b["system"] == "in-process" and b["batch"] == r["batch"]
+                         and b["context"] == 128), None)
+            if base:
+                ratios.append((r["batch"], r["tokens_per_s"] / base["tokens_per_s"]))
+    out.append(_check("decode, served (8 expert processes, CUDA IPC, MPS) / in-process engine, tokens/s, "
+                      "context 128, H200" + (f" ({max(runs)[1]})" if runs else ""),
+                      ", ".join(f"{x:.0%} (batch {b})" for b, x in ratios) or "-", ">= 80% at every batch",
+                      None if not ratios else min(x for _, x in ratios) >= 0.8))
     return out
 
 
