@@ -12,7 +12,7 @@ process through ExpertClient:
 
 Latencies are `p50_us` and `p99_us` over up to 5000 calls (at most about 2 s each).
 
-    python -m benchmarks.call_overhead [--device cuda] [--rows 1,8,64]
+    python -m benchmarks.call_overhead [--device cuda] [--rows 1,8,64] [--server-args="--no-cuda-graphs"]
 """
 from __future__ import annotations
 
@@ -73,19 +73,23 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rows", default="1,8,64")
     p.add_argument("--name", default=None, help="results file name (default: call_overhead__DEVICE)")
+    p.add_argument("--server-args", default="", help="extra arguments for the expert servers, e.g. --no-cuda-graphs")
+    p.add_argument("--note", help="what this run changes (shown in the report)")
     a = p.parse_args(argv)
     dtype = "bfloat16" if a.device == "cuda" else "float32"
     with tempfile.TemporaryDirectory() as d:
         ckpt = layer_checkpoint(a.preset, d, getattr(torch, dtype))
         n = ckpt.config.n_experts
-        with ExpertServers(d, {f"expert-{e}": [e] for e in range(n)}, device=a.device, dtype=dtype) as servers:
+        with ExpertServers(d, {f"expert-{e}": [e] for e in range(n)}, device=a.device, dtype=dtype,
+                           args=a.server_args.split()) as servers:
             threads = torch.get_num_threads()
             torch.set_num_threads(servers.threads)
             shard = ExpertShard.load(ckpt, [(0, 0)], device=a.device, dtype=getattr(torch, dtype))
             rows = run(_probe(list(servers.addresses.values()), ckpt.config.hidden_size,
                               [int(r) for r in a.rows.split(",")], a.device, getattr(torch, dtype), shard))
             torch.set_num_threads(threads)
-    save(a.name or f"call_overhead__{a.device}", rows, {"preset": a.preset, "dtype": dtype},
+    save(a.name or f"call_overhead__{a.device}", rows, {"preset": a.preset, "dtype": dtype, "note": a.note,
+                                                        "server_args": a.server_args or None},
          ["call", "transport", "rows", "p50_us", "p99_us", "iters"])
 
 

@@ -88,13 +88,14 @@ class ExpertServers:
     (CUDA_VISIBLE_DEVICES), so it computes on its "cuda" and sees no other GPU."""
 
     def __init__(self, model_dir, shards: dict[str, list[int]], *, device="cpu", dtype="float32", threads=None,
-                 gpus: dict[str, int] | None = None):
+                 gpus: dict[str, int] | None = None, args: list[str] = ()):
         self.procs, self.addresses = [], {}
         # The cores shared out: OpenMP threads left spinning in idle servers slow the busy one.
         threads = self.threads = threads or max(1, (os.cpu_count() or 1) // len(shards))
         for name, experts in shards.items():
             cmd = [sys.executable, "-m", "expert_service", "--model", str(model_dir), "--experts",
-                   ",".join(map(str, experts)), "--device", device, "--dtype", dtype, "--threads", str(threads)]
+                   ",".join(map(str, experts)), "--device", device, "--dtype", dtype, "--threads", str(threads),
+                   *args]
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpus[name])) if gpus and name in gpus else None
             self.procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
         for name, p in zip(shards, self.procs):

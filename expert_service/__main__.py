@@ -54,7 +54,7 @@ async def serve(a) -> None:
     shard = ExpertShard.load(Checkpoint(a.model), pairs, device=device, dtype=getattr(torch, a.dtype))
     # The receive limit follows from max_rows (the largest real call); clients prove themselves with the
     # data-plane key (expert_service/auth.py: MOE_SERVE_DATA_KEY, Ray's token, or the per-user key file).
-    servicer = ExpertServicer(shard, max_rows=a.max_rows)
+    servicer = ExpertServicer(shard, max_rows=a.max_rows, cuda_graphs=a.cuda_graphs)
     server, port = await start_server(servicer, host=a.host, port=a.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -80,6 +80,8 @@ def main(argv=None) -> int:
                                                "give several servers on one machine cores / servers)")
     p.add_argument("--max-rows", type=int, default=1 << 14, help="rows per call (sets the receive limit)")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on shutdown")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay CUDA graphs for decode-size calls on same-node CUDA buffers (default: on)")
     a = p.parse_args(argv)
     try:
         asyncio.run(serve(a))

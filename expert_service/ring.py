@@ -112,8 +112,8 @@ def check_eventfd(fd: int) -> None:
 
 
 class _Served:
-    def __init__(self, control: Control, wake: int, notify: int):
-        self.control, self.wake, self.notify = control, wake, notify
+    def __init__(self, session: str, control: Control, wake: int, notify: int):
+        self.session, self.control, self.wake, self.notify = session, control, wake, notify
         self.seen = control.words[REQ]
         self.last = time.monotonic()
 
@@ -122,10 +122,11 @@ class RingServer:
     """The replica's end: one thread serves the rings of all its sessions, in turn.
 
     `serve(session, rows, segments)` runs a call (on this thread); a ValueError (bad input)
-    answers INVALID_ARGUMENT with its message, any other exception INTERNAL."""
+    answers INVALID_ARGUMENT with its message, any other exception INTERNAL. `closed(session)`,
+    when given, runs on this thread once a removed session will be served no more."""
 
-    def __init__(self, serve, spin_s: float | None = None, setup=None):
-        self.serve, self.setup = serve, setup
+    def __init__(self, serve, spin_s: float | None = None, setup=None, closed=None):
+        self.serve, self.setup, self.closed = serve, setup, closed
         self.spin_s = default_spin_s() if spin_s is None else spin_s
         self._sessions: dict[str, _Served] = {}
         self._closing: list[_Served] = []
@@ -137,7 +138,7 @@ class RingServer:
 
     def add(self, session: str, control_fd: int, wake_fd: int, notify_fd: int) -> None:
         """Takes the session's control block and duplicates of its two eventfds."""
-        served = _Served(Control(control_fd), os.dup(wake_fd), os.dup(notify_fd))
+        served = _Served(session, Control(control_fd), os.dup(wake_fd), os.dup(notify_fd))
         with self._lock:
             self._sessions[session] = served
         ring(self._poke)
@@ -170,6 +171,8 @@ class RingServer:
                 os.close(served.wake)
                 os.close(served.notify)
                 polled = None
+                if self.closed is not None:
+                    self.closed(served.session)
             busy = False
             for session, served in sessions:
                 if served.control.words[REQ] != served.seen:

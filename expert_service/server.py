@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from expert_service import auth, ring, shared
 from expert_service.doorbell import DoorbellServer, Limits, Refused
 from expert_service.experts import ExpertShard
+from expert_service.session_graphs import SessionGraphs
 from moe.v1 import common_pb2, expert_pb2
 from moe_core.codec import (FLOAT_DTYPES, TAGS, TENSOR_SCAN, WireError, check_finite, decode, encode,
                             keep_large_buffers, scan)
@@ -85,7 +86,7 @@ class ExpertServicer:
     def __init__(self, shard: ExpertShard, *, max_message_bytes: int | None = None,
                  inline_below: int = 1 << 22, max_rows: int = MAX_ROWS, key: str | None = None,
                  client_role: str | None = None, limits: Limits = Limits(),
-                 max_session_bytes: int = MAX_SESSION_BYTES):
+                 max_session_bytes: int = MAX_SESSION_BYTES, cuda_graphs: bool = True):
         if not shard.weights:
             raise ValueError("an expert server needs at least one (layer, expert) to serve")
         self.shard = shard
@@ -117,6 +118,8 @@ class ExpertServicer:
         self.staging = Staging()  # pinned host buffer for GPU copies (used on the loop thread only)
         self.doorbell: DoorbellServer | None = None
         self.ring: ring.RingServer | None = None  # serves the sessions' calls, on a thread of its own
+        # Decode-size calls in place on a session's CUDA buffers replay a graph (on the ring's thread).
+        self.graphs = SessionGraphs(shard) if cuda_graphs and self.device.type == "cuda" else None
         self._ring_staging = Staging()
 
     def _parse(self, request: expert_pb2.ForwardRequest) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
@@ -163,14 +166,15 @@ class ExpertServicer:
         x_TH = buffers.x[:rows]
         segments = self._check(segments, x_TH)
         with self._counted(x_TH):
-            self._compute_session(x_TH, segments, buffers)
+            self._compute_session(x_TH, segments, buffers, session)
 
-    def _compute_session(self, x_TH: torch.Tensor, segments, buffers: shared.Buffers) -> None:
+    def _compute_session(self, x_TH: torch.Tensor, segments, buffers: shared.Buffers, session: str) -> None:
         out = buffers.y[:x_TH.shape[0]]
         if buffers.peer:  # on another GPU: one copy over the link each way, the GEMMs read local memory
             out.copy_(self.shard.forward(x_TH.to(self.dtype, copy=True), segments))
         elif x_TH.device == self.device and x_TH.dtype == self.dtype:  # in place: buffers in, buffers out
-            self.shard.forward(x_TH, segments, out_TH=out)
+            if self.graphs is None or not self.graphs.run(session, buffers.x, buffers.y, segments):
+                self.shard.forward(x_TH, segments, out_TH=out)
         else:
             staging = self._ring_staging
             y_TH = self.shard.forward(staging.to_device(x_TH, self.device, self.dtype), segments)
@@ -263,7 +267,8 @@ class ExpertServicer:
         if self.doorbell is None:
             bell = DoorbellServer(self.attach, self.detach, self._last_call, self.key, self.limits)
             if await bell.start():
-                self.ring = ring.RingServer(self.forward_session, setup=ring.set_threads_and_device(self.device))
+                self.ring = ring.RingServer(self.forward_session, setup=ring.set_threads_and_device(self.device),
+                                            closed=self.graphs.drop if self.graphs is not None else None)
                 self.doorbell = bell
 
     def _last_call(self, session: str) -> float:

@@ -97,3 +97,31 @@ def test_concurrent_sessions_on_two_gpus(servers, model_dir):
                 await c.close()
     for x, y in zip(xs, asyncio.run(calls())):
         assert torch.equal(y, shard.forward(x, _segments(x.shape[0])))
+
+
+def test_decode_size_calls_replay_graphs_that_read_each_calls_rows(tmp_path):
+    """One-segment calls of up to 256 rows replay a CUDA graph captured on the session's buffers
+    (rows padded to a power of two): each replay reads that call's rows, so new rows of a size seen
+    before, and sizes sharing a padded size, all give the in-process outputs; float32, so a
+    graph that read stale rows could not hide inside bf16 rounding."""
+    cfg = preset("bench").replace(n_layers=2)
+    write_checkpoint(tmp_path, cfg, random_weights(cfg, seed=1))
+    dev = torch.device("cuda:0")
+    shard = ExpertShard.load(Checkpoint(tmp_path), [(L, e) for L in range(2) for e in range(8)], device=dev)
+    sizes = [1, 1, 3, 4, 3, 2, 64, 37, 256, 257, 1]
+
+    async def calls(client):
+        outs = []
+        for i, n in enumerate(sizes):
+            x = torch.randn(n, cfg.hidden_size, generator=torch.Generator().manual_seed(i)).to(dev)
+            segments = [(i % 2, i % 8, n)]
+            outs.append((x, segments, await client.forward(x, segments, timeout=60)))
+        return outs
+
+    with ExpertServers(tmp_path, {"all": list(range(8))}, device="cuda", dtype="float32", gpus={"all": 0}) as s:
+        async def go():
+            async with ExpertClient(s.addresses["all"], shared="cuda_ipc") as client:
+                return await calls(client)
+        outs = asyncio.run(go())
+    for x, segments, y in outs:
+        torch.testing.assert_close(y, shard.forward(x, segments), rtol=1e-4, atol=1e-5)
