@@ -11,8 +11,9 @@ Every call is checked in this order, each step before any work of the next:
 3. parsing (off the event loop for large messages), then the values.
 Every malformed request ends as INVALID_ARGUMENT with a message naming the problem.
 
-Same-node sessions attach over the doorbell (expert_service/doorbell.py), one per connection;
-gRPC Attach and Detach are refused, so no buffer is ever opened by a name a client supplies.
+Same-node sessions attach over the doorbell (expert_service/doorbell.py), one per connection,
+and call through their ring (expert_service/ring.py), served on the ring's thread; gRPC Attach
+and Detach are refused, so no buffer is ever opened by a name a client supplies.
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ CHANNEL_OPTIONS = channel_options()
 class ExpertServicer:
     """Serves one ExpertShard; computes in the shard's device and dtype.
 
-    Calls of at least `inline_below` rows*H*I multiply-adds compute on one worker thread (torch
+    gRPC calls of at least `inline_below` rows*H*I multiply-adds compute on one worker thread (torch
     releases the GIL): the loop keeps receiving the next requests meanwhile, and `in_flight`
     then counts calls queued for that thread, the load signal for autoscaling. Measured on the
     2-core box: offloading bench-size calls (H=512, 16-256 rows) was as fast or faster, and
