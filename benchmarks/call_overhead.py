@@ -5,6 +5,8 @@ process through ExpertClient:
 - `info`: the Info RPC, an empty round trip (gRPC alone);
 - `forward`: a Forward of `rows` rows (bytes in a gRPC message, or through a `cuda_ipc`/`shm`
   session, the envelope over the replica's doorbell socket), to one server, one call after another;
+- `envelope only`: a session's call of no rows (the ring's round trip, on a GPU with its two
+  CUDA IPC events);
 - `forward x8`: the same to eight servers at once (one MoE layer's scatter), one after another
   (`sequential`) or concurrently (`concurrent`), for all eight;
 - `math`: the same expert's FFN on the same rows in this process, on as many CPU threads as a
@@ -50,6 +52,9 @@ async def _probe(addresses: list[str], hidden: int, rows_list: list[int], device
         transport = shared or "bytes"
         if shared is None:
             await timed("info", lambda: clients[0].info(timeout=30), transport="grpc")
+        else:
+            x0 = torch.empty(0, hidden, device=device, dtype=dtype)
+            await timed("envelope only", lambda: clients[0].forward(x0, [], timeout=60), transport=shared, rows=0)
         for n in rows_list:
             x = torch.randn(n, hidden, device=device, dtype=dtype)
             await timed("forward", lambda: clients[0].forward(x, [(0, 0, n)], timeout=60), transport=transport, rows=n)

@@ -41,8 +41,8 @@ class ExpertClient:
     """Create inside the event loop that will use it (grpc.aio channels bind to their loop).
 
     `shared` ("shm" or "cuda_ipc") moves the tensors through buffers shared with a replica on
-    this node, attached through the replica's doorbell socket (expert_service/doorbell.py), which
-    then carries each call's small envelope. If the replica cannot map the buffers (another node)
+    this node, attached through the replica's doorbell socket (expert_service/doorbell.py); each
+    call's small envelope then goes through the session's ring (expert_service/ring.py). If the replica cannot map the buffers (another node)
     or has no doorbell reachable from here, the client sends bytes on the wire for good; if its
     sessions are full (RESOURCE_EXHAUSTED), for RETRY_SHARED_S. Either is logged once per client
     and counted in FALLBACKS.

@@ -406,9 +406,8 @@ class Doorbell:
         w, seq = self.control.words, self.seq
         await asyncio.sleep(0)
         spin_until = time.perf_counter() + self.spin_s
-        while w[ring.RESP] != seq:
-            if time.perf_counter() >= spin_until:
-                break
+        while w[ring.RESP] != seq and time.perf_counter() < spin_until:
+            pass
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while w[ring.RESP] != seq:

@@ -19,22 +19,22 @@ Layout, int64 words: 0 req, 1 resp, 2 rows, 3 segments, 4 status (a grpc.StatusC
 from __future__ import annotations
 
 import array
-import fcntl
 import mmap
 import os
 import select
 import threading
 import time
 
-import torch
+import grpc
+
+from expert_service.shared import sealed_memfd
 
 REQ, RESP, ROWS, NSEG, CODE, DLEN, SEG = 0, 1, 2, 3, 4, 5, 8
 MAX_SEGMENTS = 4096
 DETAILS_BYTES = 1024
 _DETAILS_AT = 8 * (SEG + 3 * MAX_SEGMENTS)
 CONTROL_BYTES = _DETAILS_AT + DETAILS_BYTES
-_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-_INVALID, _INTERNAL = 3, 13  # grpc.StatusCode.INVALID_ARGUMENT, INTERNAL
+_INVALID, _INTERNAL = (grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.INTERNAL.value[0])
 
 
 def default_spin_s() -> float:
@@ -51,9 +51,7 @@ class Control:
 
     @classmethod
     def create(cls) -> tuple[Control, int]:
-        fd = os.memfd_create("moe-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(fd, CONTROL_BYTES)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        fd = sealed_memfd("moe-ring", CONTROL_BYTES)
         return cls(fd), fd
 
     def details(self) -> str:
@@ -130,6 +128,7 @@ class RingServer:
         self.spin_s = default_spin_s() if spin_s is None else spin_s
         self._sessions: dict[str, _Served] = {}
         self._closing: list[_Served] = []
+        self._changed = True  # the poll set must be rebuilt
         self._lock = threading.Lock()
         self._poke = eventfd()
         self._stopped = False
@@ -141,6 +140,7 @@ class RingServer:
         served = _Served(session, Control(control_fd), os.dup(wake_fd), os.dup(notify_fd))
         with self._lock:
             self._sessions[session] = served
+            self._changed = True
         ring(self._poke)
 
     def remove(self, session: str) -> None:
@@ -148,6 +148,7 @@ class RingServer:
             served = self._sessions.pop(session, None)
             if served is not None:
                 self._closing.append(served)
+                self._changed = True
         ring(self._poke)
 
     def last_call(self, session: str) -> float:
@@ -162,21 +163,25 @@ class RingServer:
     def _run(self) -> None:
         if self.setup is not None:
             self.setup()
-        poller, polled, idle_since = None, None, time.monotonic()
+        poller, idle_since = select.poll(), time.monotonic()
         while not self._stopped:
             with self._lock:
-                sessions = list(self._sessions.items())
+                sessions = list(self._sessions.values())
                 closing, self._closing = self._closing, []
-            for served in closing:  # closed here, where no poll uses them any more
+                changed, self._changed = self._changed, False
+            if changed:  # before any descriptor below is closed
+                poller = select.poll()
+                for fd in [self._poke] + [s.wake for s in sessions]:
+                    poller.register(fd, select.POLLIN)
+            for served in closing:
                 os.close(served.wake)
                 os.close(served.notify)
-                polled = None
                 if self.closed is not None:
                     self.closed(served.session)
             busy = False
-            for session, served in sessions:
+            for served in sessions:
                 if served.control.words[REQ] != served.seen:
-                    self._call(session, served)
+                    self._call(served)
                     busy = True
             now = time.monotonic()
             if busy:
@@ -185,21 +190,17 @@ class RingServer:
             if now - idle_since < self.spin_s:
                 os.sched_yield()
                 continue
-            if polled is None or len(polled) != len(sessions) + 1:
-                poller, polled = select.poll(), [self._poke] + [s.wake for _, s in sessions]
-                for fd in polled:
-                    poller.register(fd, select.POLLIN)
             for fd, _ in poller.poll(1000):
                 drain(fd)
             idle_since = time.monotonic()
 
-    def _call(self, session: str, served: _Served) -> None:
+    def _call(self, served: _Served) -> None:
         c = served.control
         served.seen = c.words[REQ]
         served.last = time.monotonic()
         try:
             rows, segments = c.envelope()
-            self.serve(session, rows, segments)
+            self.serve(served.session, rows, segments)
             c.answer(0)
         except ValueError as e:  # WireError is one
             c.answer(_INVALID, str(e))
@@ -207,13 +208,3 @@ class RingServer:
             c.answer(_INTERNAL, f"expert compute failed: {type(e).__name__}")
         ring(served.notify)
 
-
-def set_threads_and_device(device: torch.device):
-    """The ring thread's setup: this process's thread count and the replica's GPU."""
-    threads = torch.get_num_threads()
-
-    def setup():
-        torch.set_num_threads(threads)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    return setup

@@ -108,9 +108,11 @@ class ExpertServicer:
         # On a GPU the kernels run asynchronously anyway; a worker thread only added host<->device
         # copies from another thread, measured at ~350 ms per call on an H200 (vs 7 ms inline).
         self.inline_below = float("inf") if self.device.type == "cuda" else inline_below
-        # OpenMP's thread count is per thread: the worker takes this thread's, not one per core.
+        # OpenMP's thread count is per thread: the worker (and the ring's thread) take this
+        # thread's, not one per core.
+        self._pool_threads = torch.get_num_threads()
         self._pool = ThreadPoolExecutor(1, "expert-compute", initializer=torch.set_num_threads,
-                                        initargs=(torch.get_num_threads(),))
+                                        initargs=(self._pool_threads,))
         self.calls = self.rows = self.in_flight = 0
         # Load signals for autoscaling: rows inside Forward now, and seconds spent in Forward
         # summed over calls (its rate is the time-averaged number of calls in flight).
@@ -268,12 +270,19 @@ class ExpertServicer:
         if self.doorbell is None:
             bell = DoorbellServer(self.attach, self.detach, self._last_call, self.key, self.limits)
             if await bell.start():
-                self.ring = ring.RingServer(self.forward_session, setup=ring.set_threads_and_device(self.device),
+                self.ring = ring.RingServer(self.forward_session, setup=self._ring_setup,
                                             closed=self.graphs.drop if self.graphs is not None else None)
                 self.doorbell = bell
 
     def _last_call(self, session: str) -> float:
         return self.ring.last_call(session)
+
+    def _ring_setup(self) -> None:
+        """The ring thread takes the servicer's torch thread count (OpenMP's is per thread) and
+        the replica's GPU."""
+        torch.set_num_threads(self._pool_threads)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
     async def Info(self, request, context):
         return expert_pb2.InfoReply(

@@ -82,9 +82,7 @@ def create(kind: str, capacity: int, hidden: int, dtype: torch.dtype, device: st
     if kind == "shm":
         fds, maps = [], []
         for role in ("x", "y"):
-            fd = os.memfd_create(f"moe-{role}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-            os.ftruncate(fd, nbytes)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            fd = sealed_memfd(f"moe-{role}", nbytes)
             fds.append(fd)
             maps.append(mmap.mmap(fd, nbytes))
         x, y = (_tensor(m, dtype).view(capacity, hidden) for m in maps)
@@ -98,6 +96,14 @@ def create(kind: str, capacity: int, hidden: int, dtype: torch.dtype, device: st
         return Buffers(kind, x, y, handles=(_cuda_handle(x), _cuda_handle(y)), ready=ready, done=done, events=events,
                        device_uuid=gpu_uuid(x.device))
     raise SharedError(f"unknown shared-buffer kind {kind!r}; use 'shm' or 'cuda_ipc'")
+
+
+def sealed_memfd(name: str, nbytes: int) -> int:
+    """An anonymous memory file of `nbytes`, sealed so that its size can never change."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, nbytes)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    return fd
 
 
 def _tensor(m: mmap.mmap, dtype: torch.dtype) -> torch.Tensor:
