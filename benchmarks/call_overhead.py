@@ -1,10 +1,10 @@
 """Question: what does one expert call cost beyond its math, alone and eight at once?
 
 Expert servers (`python -m expert_service`, one expert each) on this machine, called from this
-process through ExpertClient:
+process through its channel (router_service/channels):
 - `info`: the Info RPC, an empty round trip (gRPC alone);
 - `forward`: a Forward of `rows` rows (bytes in a gRPC message, or through a `cuda_ipc`/`shm`
-  session, the envelope over the replica's doorbell socket), to one server, one call after another;
+  session, the envelope through its ring), to one server, one call after another;
 - `envelope only`: a session's call of no rows (the ring's round trip, on a GPU with its two
   CUDA IPC events);
 - `forward x8`: the same to eight servers at once (one MoE layer's scatter), one after another
@@ -26,8 +26,8 @@ import torch
 
 from benchmarks.common import ExpertServers, measure, run, save
 from benchmarks.moe_layer import layer_checkpoint
-from expert_service.client import ExpertClient
 from expert_service.experts import ExpertShard
+from router_service.channels.by_name import connector
 
 
 async def _probe(addresses: list[str], hidden: int, rows_list: list[int], device: str, dtype,
@@ -46,15 +46,15 @@ async def _probe(addresses: list[str], hidden: int, rows_list: list[int], device
         async def math():
             shard.forward(x, [(0, 0, n)])
         await timed("math", math, transport="in-process", rows=n)
-    kinds = [None, "cuda_ipc"] if device == "cuda" else [None, "shm"]
-    for shared in kinds:
-        clients = [ExpertClient(a, shared=shared) for a in addresses]
-        transport = shared or "bytes"
-        if shared is None:
+    for kind in ["grpc", "cuda_ipc"] if device == "cuda" else ["grpc", "shm"]:
+        connect = connector(kind)
+        clients = [connect("expert", a) for a in addresses]
+        transport = "bytes" if kind == "grpc" else kind
+        if kind == "grpc":
             await timed("info", lambda: clients[0].info(timeout=30), transport="grpc")
         else:
             x0 = torch.empty(0, hidden, device=device, dtype=dtype)
-            await timed("envelope only", lambda: clients[0].forward(x0, [], timeout=60), transport=shared, rows=0)
+            await timed("envelope only", lambda: clients[0].forward(x0, [], timeout=60), transport=kind, rows=0)
         for n in rows_list:
             x = torch.randn(n, hidden, device=device, dtype=dtype)
             await timed("forward", lambda: clients[0].forward(x, [(0, 0, n)], timeout=60), transport=transport, rows=n)

@@ -43,10 +43,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import iters_for, keep_large_buffers, run, save
-from expert_service.server import channel_options
 from moe.v1 import common_pb2
 from moe_core.checkpoint import parse_size
 from moe_core.codec import decode, encode
+from moe_core.grpc_options import channel_options
 
 HIDDEN = 4096
 SERVICE = "moe.bench.Echo"

@@ -274,13 +274,13 @@ def served(cfg, weights, device, dtype, batches, contexts, new_tokens, repeats, 
 
 
 async def _served(cfg, weights, device, table, batches, contexts, new_tokens, repeats, add, gen) -> None:
-    from router_service.grpc_dispatch import GrpcDispatcher
+    from router_service.dispatch import remote_dispatcher
 
     async def lookup():
         return table
     shard_of = {(L, e): f"expert-{e}" for L, e in all_pairs(cfg)}
     for context in contexts:
-        disp = GrpcDispatcher(shard_of, lookup, shared="cuda_ipc" if device == "cuda" else "shm")
+        disp = remote_dispatcher(shard_of, lookup, channel="cuda_ipc" if device == "cuda" else "shm")
         engine = Engine(cfg, weights, disp, max_running=max(batches), max_seq_len=context + new_tokens,
                         kv_tokens=max(batches) * (context + new_tokens), max_step_tokens=STEP_TOKENS)
         for b in batches:

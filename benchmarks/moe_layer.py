@@ -57,7 +57,7 @@ async def _bench_all(ckpt, tokens, transports, device, dtype, wire_dtype):
 
 async def _bench(ckpt, tokens, transports, device, dtype, wire_dtype):
     from expert_service.experts import ExpertShard
-    from router_service.grpc_dispatch import GrpcDispatcher
+    from router_service.dispatch import remote_dispatcher
 
     cfg = ckpt.config
     tdtype = getattr(torch, dtype)
@@ -76,7 +76,7 @@ async def _bench(ckpt, tokens, transports, device, dtype, wire_dtype):
             return one_table
         for t in one:
             kind = t.split("/")[0]
-            dispatchers[t] = GrpcDispatcher({k: "experts" for k in shard_of}, one_lookup, wire_dtype=wire_dtype,
+            dispatchers[t] = remote_dispatcher({k: "experts" for k in shard_of}, one_lookup, wire_dtype=wire_dtype,
                                             shared=None if kind == "grpc" else kind)
     remote = [t for t in transports if t in ("grpc", "shm", "cuda_ipc")]
     if remote:
@@ -87,7 +87,7 @@ async def _bench(ckpt, tokens, transports, device, dtype, wire_dtype):
         async def lookup():
             return table
         for t in remote:  # "grpc": bytes in the message; "shm"/"cuda_ipc": shared buffers, envelope only
-            dispatchers[t] = GrpcDispatcher(shard_of, lookup, wire_dtype=wire_dtype, shared=None if t == "grpc" else t)
+            dispatchers[t] = remote_dispatcher(shard_of, lookup, wire_dtype=wire_dtype, channel=t)
     if "handle" in transports:
         dispatchers["handle"] = _handle_dispatcher(ckpt, shard_of)
         cleanup.append(_stop_ray)
@@ -137,14 +137,18 @@ def _handle_dispatcher(ckpt, shard_of):
     from ray import serve
 
     from expert_service.deployment import ExpertReplica
-    from router_service.handle_dispatch import HandleDispatcher
+    from router_service.dispatch import remote_dispatcher
 
     ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False, namespace="moe-serve")
     handles = {}
     for (L, e), name in shard_of.items():
         app = ExpertReplica.options(name=name, ray_actor_options={"num_cpus": 0}).bind(str(ckpt.dir), name, [(L, e)])
         handles[name] = serve.run(app, name=name, route_prefix=None)
-    return HandleDispatcher(shard_of, handles)
+    table = {name: [name] for name in handles}  # one entry per deployment: Serve picks the replica
+
+    async def lookup():
+        return table
+    return remote_dispatcher(shard_of, lookup, channel="handle", handles=handles)
 
 
 def _stop_ray():

@@ -38,8 +38,7 @@ from benchmarks.common import ExpertServers, measure, run, save
 from benchmarks.moe_layer import layer_checkpoint
 from expert_service.experts import ExpertShard
 from router_service import model
-from router_service.dispatch import InProcessDispatcher
-from router_service.grpc_dispatch import GrpcDispatcher
+from router_service.dispatch import InProcessDispatcher, RemoteDispatcher, remote_dispatcher
 
 HOT = 3  # the expert made hot
 
@@ -80,10 +79,10 @@ async def _bench(ckpt, a) -> list[dict]:
                             gpus={n: g for (_, g), n in name.items()})
     shard_of = {(0, e): f"expert-{e}" for e in range(E)}
 
-    def dispatcher(table: dict[str, list[str]]) -> GrpcDispatcher:
+    def dispatcher(table: dict[str, list[str]]) -> RemoteDispatcher:
         async def lookup():
             return table
-        return GrpcDispatcher(shard_of, lookup, shared="cuda_ipc")
+        return remote_dispatcher(shard_of, lookup, channel="cuda_ipc")
 
     def spread(gpus: list[int]) -> dict[str, list[str]]:
         return {f"expert-{e}": [servers.addresses[name[e, gpus[e % len(gpus)]]]] for e in range(E)}

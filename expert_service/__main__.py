@@ -53,7 +53,7 @@ async def serve(a) -> None:
         torch.set_num_threads(threads)
     shard = ExpertShard.load(Checkpoint(a.model), pairs, device=device, dtype=getattr(torch, a.dtype))
     # The receive limit follows from max_rows (the largest real call); clients prove themselves with the
-    # data-plane key (expert_service/auth.py: MOE_SERVE_DATA_KEY, Ray's token, or the per-user key file).
+    # data-plane key (moe_core/auth.py: MOE_SERVE_DATA_KEY, Ray's token, or the per-user key file).
     servicer = ExpertServicer(shard, max_rows=a.max_rows, cuda_graphs=a.cuda_graphs)
     server, port = await start_server(servicer, host=a.host, port=a.port)
     stop = asyncio.Event()

@@ -91,8 +91,9 @@ class ExpertReplica:
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     async def forward(self, x_TH: torch.Tensor, segments: list) -> torch.Tensor:
-        """The Ray-native path (Serve handle, Ray's own serialization) for the baseline benchmark."""
-        return self.servicer.shard.forward(x_TH, [tuple(s) for s in segments])
+        """The Ray-native path (Serve handle, Ray's own serialization): checked and counted for
+        autoscaling like an ExpertService call; bad input raises WireError (a ValueError)."""
+        return await self.servicer.forward_tensor(x_TH, [tuple(s) for s in segments])
 
     async def __del__(self):
         """Scale-down drain: leave the directory, let routers notice, finish in-flight calls, stop."""

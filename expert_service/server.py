@@ -1,8 +1,8 @@
 """The ExpertService gRPC server: decode one [T, H] hidden tensor and its (layer, expert, rows)
-segments, run the shard's FFNs, encode the [T, H] output. Also the channel options both ends use.
+segments, run the shard's FFNs, encode the [T, H] output.
 
 Every call is checked in this order, each step before any work of the next:
-1. the data-plane key in its metadata (expert_service/auth.py), constant time, else
+1. the data-plane key in its metadata (moe_core/auth.py), constant time, else
    UNAUTHENTICATED; with mTLS also the client certificate's role (`client_role`);
 2. its size: the receive limit is the largest real call (`max_rows` rows of hidden float32 plus
    the segments), compressed messages are refused by gRPC itself (identity is the only algorithm
@@ -12,7 +12,7 @@ Every call is checked in this order, each step before any work of the next:
 Every malformed request ends as INVALID_ARGUMENT with a message naming the problem.
 
 Same-node sessions attach over the doorbell (expert_service/doorbell.py), one per connection,
-and call through their ring (expert_service/ring.py), served on the ring's thread; gRPC Attach
+and call through their ring (moe_core/ring.py), served on the ring's thread; gRPC Attach
 and Detach are refused, so no buffer is ever opened by a name a client supplies.
 """
 from __future__ import annotations
@@ -29,11 +29,13 @@ import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from expert_service import auth, ring, shared
 from expert_service.doorbell import DoorbellServer, Limits, Refused
 from expert_service.experts import ExpertShard
+from expert_service.ring_server import RingServer
 from expert_service.session_graphs import SessionGraphs
 from moe.v1 import common_pb2, expert_pb2
+from moe_core import auth, ring, shared
+from moe_core.grpc_options import channel_options
 from moe_core.codec import (FLOAT_DTYPES, TAGS, TENSOR_SCAN, WireError, check_finite, decode, encode,
                             keep_large_buffers, scan)
 from moe_core.staging import Staging
@@ -41,7 +43,6 @@ from moe_core.staging import Staging
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
-MAX_MESSAGE_BYTES = 256 << 20  # what clients accept: the largest server's limit (MAX_ROWS x 4096 x fp32)
 MAX_ROWS = 1 << 14  # rows per call: the engine's 8192-token step, top-2, all to one replica
 MAX_SEGMENTS = ring.MAX_SEGMENTS  # a replica serves a few dozen (layer, expert) pairs; more is a broken client
 MAX_SESSION_BYTES = 8 << 30  # shared buffers mapped at once, all sessions together
@@ -55,22 +56,6 @@ def message_limit(hidden_size: int, max_rows: int = MAX_ROWS) -> int:
     return max_rows * hidden_size * 4 + _HEADER_BYTES
 
 
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    return [
-        # gRPC's 4 MiB receive default is below one Mixtral layer step at a few hundred tokens.
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        # Large HTTP/2 frames and a large initial flow-control window: a multi-MB tensor then
-        # moves in a few frames without waiting for WINDOW_UPDATEs. DESIGN.md measured 1 MB
-        # loopback round trips 2.5-4 ms -> 1.5 ms; here (loaded 2 cores) 1.2-1.4x on 1-16 MB echoes.
-        ("grpc.http2.max_frame_size", (1 << 24) - 1),
-        ("grpc.http2.lookahead_bytes", 64 << 20),
-        # Let the window grow beyond lookahead on fat links (on by default; explicit on purpose).
-        ("grpc.http2.bdp_probe", 1),
-    ]
-
-
-CHANNEL_OPTIONS = channel_options()
 
 
 class ExpertServicer:
@@ -99,7 +84,7 @@ class ExpertServicer:
         self.max_message_bytes = min(max_message_bytes or message_limit(self.hidden_size, max_rows),
                                      message_limit(self.hidden_size, max_rows))
         self.max_elements = max_rows * self.hidden_size
-        # Read now: the key a deployment's replicas and routers derive alike (expert_service/auth.py).
+        # Read now: the key a deployment's replicas and routers derive alike (moe_core/auth.py).
         self.key = key or auth.data_key()
         self.client_role = client_role  # with mTLS: the role the client certificate must name
         self.limits, self.max_session_bytes = limits, max_session_bytes
@@ -120,7 +105,7 @@ class ExpertServicer:
         self.sessions: dict[str, shared.Buffers] = {}  # same-node clients' shared buffers, by doorbell connection
         self.staging = Staging()  # pinned host buffer for GPU copies (used on the loop thread only)
         self.doorbell: DoorbellServer | None = None
-        self.ring: ring.RingServer | None = None  # serves the sessions' calls, on a thread of its own
+        self.ring: RingServer | None = None  # serves the sessions' calls, on a thread of its own
         # Decode-size calls in place on a session's CUDA buffers replay a graph (on the ring's thread).
         self.graphs = SessionGraphs(shard) if cuda_graphs and self.device.type == "cuda" else None
         self._ring_staging = Staging()
@@ -184,6 +169,19 @@ class ExpertServicer:
             out.copy_(y_TH if out.is_cuda else staging.to_host(y_TH))
         if buffers.done is not None:  # the client's stream waits on it; nobody waits here
             buffers.done.record(torch.cuda.current_stream(out.device))
+
+    async def forward_tensor(self, x_TH: torch.Tensor, segments) -> torch.Tensor:
+        """A call from a Serve handle (rows as a tensor, not bytes), checked and counted like Forward."""
+        if not (isinstance(x_TH, torch.Tensor) and x_TH.dim() == 2 and x_TH.shape[1] == self.hidden_size
+                and x_TH.dtype in (torch.float32, torch.bfloat16, torch.float16) and x_TH.shape[0] <= self.max_rows):
+            raise WireError(f"rows must be a float tensor [T <= {self.max_rows}, {self.hidden_size}]")
+        if not all(isinstance(s, tuple) and len(s) == 3 and all(isinstance(v, int) for v in s) for s in segments) \
+                or len(segments) > MAX_SEGMENTS:
+            raise WireError(f"segments must be at most {MAX_SEGMENTS} (layer, expert, rows) integer triples")
+        segments = self._check(segments, x_TH)
+        with self._counted(x_TH):
+            y_TH = self.shard.forward(x_TH.to(self.device, self.dtype), segments)
+            return y_TH.to("cpu", x_TH.dtype)
 
     async def _run(self, x_TH: torch.Tensor, segments) -> common_pb2.Tensor:
         """Computes one gRPC call, counting it; a fault of ours (e.g. device OOM) is logged and re-raised."""
@@ -270,7 +268,7 @@ class ExpertServicer:
         if self.doorbell is None:
             bell = DoorbellServer(self.attach, self.detach, self._last_call, self.key, self.limits)
             if await bell.start():
-                self.ring = ring.RingServer(self.forward_session, setup=self._ring_setup,
+                self.ring = RingServer(self.forward_session, setup=self._ring_setup,
                                             closed=self.graphs.drop if self.graphs is not None else None)
                 self.doorbell = bell
 

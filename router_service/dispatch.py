@@ -1,31 +1,37 @@
-"""The transport seam between the router's MoE block and the experts.
+"""The seam between the router's MoE block and the experts: a Dispatcher.
 
 A dispatcher takes one layer's routed rows, already grouped by expert (`counts_E[e]` rows for
-expert e, in expert order), and returns the experts' unweighted outputs in the same row order:
+expert e, in expert order), and returns the experts' unweighted outputs in the same row order,
+by `deadline` (time.monotonic(); None for the dispatcher's own default):
 
-    async def run_experts(layer, x_NH, counts_E) -> y_NH
+    await dispatcher.run_experts(layer, x_NH, counts_E, deadline) -> y_NH
 
-This module holds the in-process one (reference and tests) and the shard bookkeeping shared by
-the remote ones (gRPC in `grpc_dispatch`, Serve handles in `handle_dispatch`).
+Two: InProcessDispatcher (the reference: the experts in this process) and RemoteDispatcher
+(the rows cut by shard and sent through a ReplicaPool, whose Channels move them).
 """
 from __future__ import annotations
 
-import contextvars
+import asyncio
+from typing import Protocol
 
 import torch
 
 from expert_service.experts import ExpertShard
+from router_service.channels.by_name import connector
+from router_service.replica_pool import ReplicaPool
 
 
-# time.monotonic() by which the current engine step must finish; remote calls get what is left.
-STEP_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("step_deadline", default=None)
+class Dispatcher(Protocol):
+    async def run_experts(self, layer: int, x_NH: torch.Tensor, counts_E: list[int],
+                          deadline: float | None = None) -> torch.Tensor: ...
 
 
 class InProcessDispatcher:
     def __init__(self, shard: ExpertShard):
         self.shard = shard
 
-    async def run_experts(self, layer: int, x_NH: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+    async def run_experts(self, layer: int, x_NH: torch.Tensor, counts_E: list[int],
+                          deadline: float | None = None) -> torch.Tensor:
         return self.shard.forward(x_NH, [(layer, e, n) for e, n in enumerate(counts_E)])
 
     def on_device(self, n_layers: int, n_experts: int):
@@ -34,6 +40,44 @@ class InProcessDispatcher:
         if all(self.shard.can_group(L, n_experts) for L in range(n_layers)):
             return self.shard.grouped
         return None
+
+
+class RemoteDispatcher:
+    """Each layer's rows cut by shard (`shard_of[(layer, expert)]` names it) and sent to the
+    shards' replicas through `pool`, concurrently."""
+
+    def __init__(self, shard_of: dict[tuple[int, int], str], pool: ReplicaPool):
+        self.shard_of, self.pool = shard_of, pool
+
+    async def run_experts(self, layer: int, x_NH: torch.Tensor, counts_E: list[int],
+                          deadline: float | None = None) -> torch.Tensor:
+        y_NH = torch.empty_like(x_NH)
+        await asyncio.gather(*(self._shard_call(shard, x_NH, y_NH, ranges, segs, deadline)
+                               for shard, ranges, segs in split_by_shard(layer, counts_E, self.shard_of)))
+        return y_NH
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def _shard_call(self, shard: str, x_NH: torch.Tensor, y_NH: torch.Tensor, ranges, segments, deadline) -> None:
+        """A shard's rows: one slice of x_NH (each expert its own shard, or adjacent ones) goes as it
+        is, and its output lands straight in y_NH's slice; scattered rows are gathered and scattered."""
+        if len(ranges) == 1:
+            a, b = ranges[0]
+            await self.pool.call(shard, x_NH[a:b], segments, y_NH[a:b], deadline)
+            return
+        x_nH = gather_rows(x_NH, ranges)
+        await self.pool.call(shard, x_nH, segments, out := torch.empty_like(x_nH), deadline)
+        scatter_rows(y_NH, ranges, out)
+
+
+def remote_dispatcher(shard_of: dict[tuple[int, int], str], lookup, forget=None, *, channel: str = "grpc",
+           handles: dict | None = None, local_hosts: frozenset[str] = frozenset({"127.0.0.1", "localhost"}),
+           credentials=None, channel_options=(), wire_dtype: str | None = None, **pool_options) -> RemoteDispatcher:
+    """A RemoteDispatcher whose pool reaches replicas over `channel` (router_service/channels/by_name)."""
+    connect = connector(channel, handles=handles, local_hosts=local_hosts, credentials=credentials,
+                        channel_options=channel_options, wire_dtype=wire_dtype)
+    return RemoteDispatcher(shard_of, ReplicaPool(lookup, connect, forget, **pool_options))
 
 
 def split_by_shard(layer: int, counts_E: list[int], shard_of: dict[tuple[int, int], str]):

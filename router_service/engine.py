@@ -21,7 +21,6 @@ from moe_core.config import MoEConfig
 from moe_core.staging import Staging
 from router_service import model
 from router_service.graphs import DecodeGraphs
-from router_service.dispatch import STEP_DEADLINE
 from router_service.sampling import SamplingParams, sample
 
 
@@ -193,11 +192,11 @@ class Engine:
             batch = list(self.running)
             deadlines = [s.deadline for s in batch]
             # The step serves everyone in it, so it may run until the latest deadline among them.
-            token = STEP_DEADLINE.set(None if None in deadlines else max(deadlines))
+            deadline = None if None in deadlines else max(deadlines)
             # A task of its own, so that `_drop` can cancel it (and its expert calls) once every
             # sequence in it has been given up.
             self._batch, self._abandoned = batch, False
-            self._step_task = asyncio.get_running_loop().create_task(self._step(batch))
+            self._step_task = asyncio.get_running_loop().create_task(self._step(batch, deadline))
             try:
                 await self._step_task
             except asyncio.CancelledError:
@@ -210,7 +209,6 @@ class Engine:
                     if not s.done:
                         self._end(s, e)
             finally:
-                STEP_DEADLINE.reset(token)
                 self._batch, self._step_task = [], None
 
     def _end(self, seq: _Sequence, item=None) -> None:
@@ -263,33 +261,33 @@ class Engine:
                 plan.append((s, n))
         return plan
 
-    async def _step(self, batch: list[_Sequence]):
+    async def _step(self, batch: list[_Sequence], deadline: float | None):
         # Micro-batches run as concurrent coroutines: while one waits for its experts, the next
         # runs its attention (ping-pong overlap). Sequences are independent, so results are the same.
         groups = _split(self._plan(batch), self.micro_batches)
         if self.graphs is not None and len(groups) == 1 and all(n == 1 for _, n in groups[0]):
-            outs = [await self._decode(groups[0])]  # alone: its free slots' rows write position 0 of free slots
+            outs = [await self._decode(groups[0], deadline)]  # alone: its free slots' rows write position 0 of free slots
         else:
-            outs = await asyncio.gather(*(self._forward(g) for g in groups))
+            outs = await asyncio.gather(*(self._forward(g, deadline) for g in groups))
         for group, (segments, h_TH) in zip(groups, outs):
             self._emit(group, segments, h_TH)
 
-    async def _forward(self, group: list[tuple[_Sequence, int]]):
+    async def _forward(self, group: list[tuple[_Sequence, int]], deadline: float | None):
         segments, tokens = [], []
         for s, n in group:
             segments.append(model.Segment(s.slot, s.cached, n))
             tokens += s.tokens[s.cached:s.cached + n]
         h_TH = await model.forward(self.cfg, self.weights, self.pool, tokens, segments,
-                                   self.dispatcher, on_route=self.stats.record)
+                                   self.dispatcher, on_route=self.stats.record, deadline=deadline)
         for s, n in group:
             s.cached += n
         self.stats.tokens += len(tokens)
         return segments, h_TH
 
-    async def _decode(self, group: list[tuple[_Sequence, int]]):
+    async def _decode(self, group: list[tuple[_Sequence, int]], deadline: float | None):
         """A step of one token per sequence, from the decode graphs."""
         h_TH, counts_LE = await self.graphs.step([s.tokens[s.cached] for s, _ in group],
-                                                 [s.cached for s, _ in group], [s.slot for s, _ in group])
+                                                 [s.cached for s, _ in group], [s.slot for s, _ in group], deadline)
         self.stats.record_all(counts_LE)
         for s, _ in group:
             s.cached += 1

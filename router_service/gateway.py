@@ -29,7 +29,7 @@ from moe_core.config import MoEConfig
 from moe_core.tokenizer import load_tokenizer
 from router_service import security, validation
 from router_service.engine import Overloaded
-from router_service.grpc_dispatch import ExpertsUnavailable
+from router_service.replica_pool import ExpertsUnavailable
 from router_service.sampling import SamplingParams
 from router_service.validation import RequestError
 

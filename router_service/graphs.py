@@ -112,7 +112,8 @@ class DecodeGraphs:
         R = self.rows[bisect.bisect_left(self.rows, max(slots) + 1)]
         return R, context_bucket(max(positions) + 1, self.pool.max_len)
 
-    async def step(self, tokens: list[int], positions: list[int], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    async def step(self, tokens: list[int], positions: list[int], slots: list[int],
+                   deadline: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Final hidden states [B, H] of one decode step (row b: token b at positions[b], in slots[b]),
         and the rows each expert got in each layer [L, E] (on the device)."""
         R, S = self.bucket(slots, positions)
@@ -131,5 +132,5 @@ class DecodeGraphs:
             piece.replay() if self.capture else piece()
             if self.experts is None and L < self.cfg.n_layers:  # the experts between pieces L and L+1
                 r = b.routed[L]
-                b.y_NH[L].copy_(await self.dispatcher.run_experts(L, r.x_NH, r.counts_E.tolist()))
+                b.y_NH[L].copy_(await self.dispatcher.run_experts(L, r.x_NH, r.counts_E.tolist(), deadline))
         return b.out_RH.index_select(0, b.order_R[:len(slots)]), b.counts_LE

@@ -7,17 +7,18 @@ prefix there; counters also a `_total` suffix).
     moe_expert_call_latency_s{shard}        histogram  one call's latency seen by the router (sampled)
     moe_expert_bytes{direction}             counter    hidden-state bytes scattered to / gathered from experts
                                                        (over gRPC or through shared buffers alike)
+    moe_channel_fallbacks{reason}           counter    same-node session calls sent as bytes instead
     moe_layer_load_imbalance{layer}         gauge      max/mean tokens per expert over the last window
     moe_router_queue_depth{state}           gauge      sequences queued (waiting) / running
 
 Nothing is recorded on the per-layer path: the engine keeps its routing counts (RouteStats) and
-the dispatcher its byte counters and a bounded buffer of call latencies; a task on the
+the replica pool its byte counters and a bounded buffer of call latencies; a task on the
 router's event loop turns their changes into metric records once per `interval_s`. A Ray metric
 record costs about 9 us here (more on a busy host); per layer and expert that would be a few hundred
 us per step. The latency histogram gets a uniform sample of at most `latency_samples` calls per
 flush: recording 800 calls one by one took 15 ms per flush on a busy 2-core host, the sample
 1.5-3 ms. A uniform sample keeps the distribution; `moe_expert_calls` counts every call.
-On the per-call path the dispatcher only appends (shard, seconds) to a deque (under 1 us).
+On the per-call path the pool only appends (shard, seconds) to a deque (under 1 us).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import time
 from collections import deque
 
 import numpy as np
+
+from router_service.channels import FALLBACKS
 
 LATENCY_BOUNDARIES_S = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
 
@@ -50,12 +53,15 @@ class RouterMetrics:
                                    boundaries=LATENCY_BOUNDARIES_S, tag_keys=("shard",))
         self.bytes = m.Counter("moe_expert_bytes", "Tensor payload bytes scattered to and gathered from experts",
                                tag_keys=("direction",))
+        self.fallbacks = m.Counter("moe_channel_fallbacks", "Same-node session calls sent as bytes, by reason",
+                                   tag_keys=("reason",))
         self.imbalance = m.Gauge("moe_layer_load_imbalance", "max/mean tokens per expert, recent window",
                                  tag_keys=("layer",))
         self.queue = m.Gauge("moe_router_queue_depth", "Sequences waiting or running in the router",
                              tag_keys=("state",))
         self._counts = engine.stats.counts.copy()
         self._bytes = {"scattered": 0, "gathered": 0}
+        self._fallbacks = dict(FALLBACKS)
         self._recent: deque[tuple[float, np.ndarray]] = deque()  # (time, counts delta) within window_s
         self._task: asyncio.Task | None = None
 
@@ -80,17 +86,19 @@ class RouterMetrics:
         while self._recent and self._recent[0][0] < now - self.window_s:
             self._recent.popleft()
         window = sum((d for _, d in self._recent), np.zeros_like(counts))
-        dispatcher = self.engine.dispatcher
-        totals = {"scattered": getattr(dispatcher, "bytes_out", 0), "gathered": getattr(dispatcher, "bytes_in", 0)}
+        pool = getattr(self.engine.dispatcher, "pool", None)  # remote dispatchers only
+        totals = {"scattered": getattr(pool, "bytes_out", 0), "gathered": getattr(pool, "bytes_in", 0)}
         nbytes = {k: v - self._bytes[k] for k, v in totals.items()}
         self._bytes = totals
-        latencies = getattr(dispatcher, "latencies", None)
+        fallbacks = {k: v - self._fallbacks.get(k, 0) for k, v in FALLBACKS.items()}
+        self._fallbacks = dict(FALLBACKS)
+        latencies = getattr(pool, "latencies", None)
         drained = [latencies.popleft() for _ in range(len(latencies))] if latencies else []
         calls: dict[str, int] = {}
         for shard, _ in drained:
             calls[shard] = calls.get(shard, 0) + 1
         sample = drained if len(drained) <= self.latency_samples else random.sample(drained, self.latency_samples)
-        return {"routed": delta, "bytes": nbytes, "calls": calls, "latency_sample": sample,
+        return {"routed": delta, "bytes": nbytes, "fallbacks": fallbacks, "calls": calls, "latency_sample": sample,
                 "imbalance": layer_imbalance(window) if self._recent else [],
                 "queue": {"queued": len(self.engine.waiting), "running": len(self.engine.running)}}
 
@@ -102,6 +110,9 @@ class RouterMetrics:
         for direction, n in c["bytes"].items():
             if n:
                 self.bytes.inc(n, tags={"direction": direction})
+        for reason, n in c["fallbacks"].items():
+            if n:
+                self.fallbacks.inc(n, tags={"reason": reason})
         for shard, n in c["calls"].items():
             self.calls.inc(n, tags={"shard": shard})
         for shard, seconds in c["latency_sample"]:

@@ -281,29 +281,30 @@ def combine(routed: Routed, y_NH: torch.Tensor, T: int) -> torch.Tensor:
 
 
 async def moe(layer: int, x_TH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, dispatcher,
-              on_route=None) -> torch.Tensor:
+              on_route=None, deadline: float | None = None) -> torch.Tensor:
     """Route, group the rows by expert, run them through the dispatcher, combine with the gate weights."""
     routed = route_rows(x_TH, gate_EH, top_k)
     counts_E = routed.counts_E.tolist()  # the layer's one wait for the device
     if on_route is not None:
         on_route(layer, counts_E)
-    y_NH = await dispatcher.run_experts(layer, routed.x_NH, counts_E)
+    y_NH = await dispatcher.run_experts(layer, routed.x_NH, counts_E, deadline)
     return combine(routed, y_NH, x_TH.shape[0])
 
 
 async def forward(cfg: MoEConfig, w: DenseWeights, pool: KVPool, tokens: list[int], segments: list[Segment],
-                  dispatcher, on_route=None) -> torch.Tensor:
+                  dispatcher, on_route=None, deadline: float | None = None) -> torch.Tensor:
     """One step over the flattened tokens of several sequences (their caches in `pool`); returns
     final hidden states [T, H].
 
-    `on_route(layer, counts_E)` sees how many rows each expert got in every layer (statistics).
+    `on_route(layer, counts_E)` sees how many rows each expert got in every layer (statistics);
+    `deadline` (time.monotonic()) bounds the expert calls.
     """
     tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
     step = plan_step(cfg, pool, tokens, segments, w.device, w.dtype)
     h_TH = F.embedding(step.tokens_T, w.embed)
     for L, lw in enumerate(w.layers):
         h_TH, x_TH = attention_block(cfg, lw, L, h_TH, step, pool)
-        h_TH = h_TH + await moe(L, x_TH, lw.gate, cfg.top_k, dispatcher, on_route)
+        h_TH = h_TH + await moe(L, x_TH, lw.gate, cfg.top_k, dispatcher, on_route, deadline)
     return rms_norm(h_TH, w.norm, cfg.rms_norm_eps)
 
 

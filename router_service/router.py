@@ -10,13 +10,12 @@ import ray
 import torch
 from ray import serve
 
-from expert_service.deployment import DTYPES
 from expert_service.directory import DEFAULT_NAME, get_directory
 from moe_core.checkpoint import Checkpoint
+from moe_core.codec import DTYPES, FLOAT_DTYPES
 from router_service import model, security
+from router_service.dispatch import remote_dispatcher
 from router_service.engine import Engine
-from router_service.grpc_dispatch import GrpcDispatcher
-from router_service.handle_dispatch import HandleDispatcher
 from router_service.metrics import RouterMetrics
 from router_service.sampling import SamplingParams
 
@@ -32,8 +31,8 @@ class Router:
                  router_dtype: str = "float32", expert_wait_s: float = 30.0, deploy_id: str = "",
                  max_seq_len: int | None = None, kv_tokens: int | None = None,
                  kv_memory_fraction: float | None = None, max_step_tokens: int = 8192, cuda_graphs: bool = True):
-        if router_dtype not in DTYPES:
-            raise ValueError(f"router_dtype must be one of {', '.join(DTYPES)}, got {router_dtype!r}")
+        if router_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"router_dtype must be one of {', '.join(sorted(FLOAT_DTYPES))}, got {router_dtype!r}")
         # "auto" follows the expert replicas' rule: a GPU when the deployment's num_gpus gave it one.
         device = router_device if router_device != "auto" else (
             "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
@@ -54,26 +53,21 @@ class Router:
         async def forget(address):
             await self.directory.forget.remote(address)
 
-        self.dispatcher = GrpcDispatcher(shard_of, lookup, forget, call_timeout_s=expert_timeout_s,
-                                         wire_dtype=wire_dtype,
-                                         credentials=security.expert_channel_credentials(expert_tls),
-                                         channel_options=security.expert_channel_options(expert_tls),
-                                         shared=shared_memory or None, wait_s=expert_wait_s,
-                                         local_hosts=frozenset({"127.0.0.1", ray.util.get_node_ip_address()}))
-        if transport not in ("grpc", "handle"):
-            raise ValueError(f"transport must be 'grpc' or 'handle', got {transport!r}")
-        # "handle" sends expert calls through Serve handles instead (the Ray-native baseline); the gRPC
-        # dispatcher still tracks the directory for health and stats.
-        engine_dispatcher = (self.dispatcher if transport == "grpc"
-                             else HandleDispatcher(shard_of, self.expert_handles))
+        channel = channel_name(transport, shared_memory)
+        dispatcher = remote_dispatcher(shard_of, lookup, forget, channel=channel, handles=self.expert_handles,
+                            wire_dtype=wire_dtype, credentials=security.expert_channel_credentials(expert_tls),
+                            channel_options=security.expert_channel_options(expert_tls),
+                            local_hosts=frozenset({"127.0.0.1", ray.util.get_node_ip_address()}),
+                            call_timeout_s=expert_timeout_s, wait_s=expert_wait_s)
+        self.pool = dispatcher.pool
         weights = model.DenseWeights.load(ckpt, dtype=DTYPES[router_dtype], device=device)
-        self.engine = Engine(self.cfg, weights, engine_dispatcher,
+        self.engine = Engine(self.cfg, weights, dispatcher,
                              max_running=max_running, max_queued=max_queued, micro_batches=micro_batches,
                              max_seq_len=max_seq_len, kv_tokens=kv_tokens, kv_memory_fraction=kv_memory_fraction,
                              max_step_tokens=max_step_tokens, cuda_graphs=cuda_graphs)
-        log.info("router on %s (%s, CUDA_VISIBLE_DEVICES=%s), same-node sessions: %s, KV pool: %d slots of %d "
+        log.info("router on %s (%s, CUDA_VISIBLE_DEVICES=%s), expert channel: %s, KV pool: %d slots of %d "
                  "positions, CUDA graphs: %s", device, router_dtype, os.environ.get("CUDA_VISIBLE_DEVICES"),
-                 shared_memory or "off", self.engine.pool.n_slots, self.engine.pool.max_len,
+                 channel, self.engine.pool.n_slots, self.engine.pool.max_len,
                  "on" if self.engine.graphs is not None else "off")
         self.metrics = RouterMetrics(self.engine)  # Prometheus, flushed once a second off the step path
 
@@ -89,15 +83,15 @@ class Router:
 
     async def ready(self) -> dict[str, int]:
         """Replicas registered per shard (the health check of `moe-serve up` waits for all >= 1)."""
-        await self.dispatcher.refresh(force=True)
-        return {name: len(self.dispatcher.replicas.get(name, [])) for name in self.shards}
+        await self.pool.refresh(force=True)
+        return {name: len(self.pool.replicas.get(name, [])) for name in self.shards}
 
     async def stats(self) -> dict:
         replicas = await self.ready()
         return {"counts": self.engine.stats.counts.tolist(), "tokens": self.engine.stats.tokens,
                 "finished": self.engine.finished, **self.engine.load, "steps_cancelled": self.engine.steps_cancelled,
-                "expert_calls": self.dispatcher.calls, "expert_retries": self.dispatcher.retries,
-                "expert_waits": self.dispatcher.waits,
+                "expert_calls": self.pool.calls, "expert_retries": self.pool.retries,
+                "expert_waits": self.pool.waits,
                 "shards": {n: [list(p) for p in pairs] for n, pairs in self.shards.items()},
                 "replicas": replicas, "top_k": self.cfg.top_k, "model": self.model_name,
                 "deploy_id": self.deploy_id}
@@ -105,6 +99,14 @@ class Router:
     async def check_health(self):
         if self.engine._loop_task is not None and self.engine._loop_task.done() and not self.engine._loop_task.cancelled():
             raise RuntimeError(f"engine loop stopped: {self.engine._loop_task.exception()!r}")
+
+
+def channel_name(transport: str, shared_memory: str) -> str:
+    """The expert channel (router_service/channels) the config's `transport` and (resolved)
+    `shared_memory` name: "handle", a same-node session kind, or "grpc" (bytes)."""
+    if transport not in ("grpc", "handle"):
+        raise ValueError(f"transport must be 'grpc' or 'handle', got {transport!r}")
+    return "handle" if transport == "handle" else shared_memory or "grpc"
 
 
 def shared_kind(shared_memory: str, device: str) -> str:

@@ -28,7 +28,7 @@ from router_service.record import Trace, read_trace
 SHAPES = ("mixtral-8x7b", "mixtral-8x22b")
 MAX_GPUS = 1024
 MAX_STEPS = 256  # longer traces are subsampled evenly
-SPLIT_MIN_ROWS = 32  # GrpcDispatcher's split_min_rows: fewer rows per replica than this go in one call
+SPLIT_MIN_ROWS = 32  # ReplicaPool's split_min_rows: fewer rows per replica than this go in one call
 # The cost table that ships with the package: made by `cost_table` from the GPU benchmark results
 # (`python -m benchmarks.cost_table`), so an installed copy needs no repository at run time.
 COSTS_FILE = Path(str(resources.files("router_service") / "costs.json"))

@@ -12,11 +12,11 @@ from pathlib import Path
 import grpc
 import ray
 
-from expert_service.client import ExpertClient
 from expert_service.directory import DEFAULT_NAME, NAMESPACE
 from moe_core.checkpoint import random_weights, write_checkpoint
 from moe_core.config import preset
 from moe_core.tokenizer import write_tokenizer
+from router_service.channels.grpc_bytes import BytesChannel
 
 NOT_ALLOWED = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 
@@ -66,7 +66,7 @@ def expert_counters(**client_kw) -> dict[str, tuple[int, int]]:
     async def ask():
         out = {}
         for a in addresses:
-            async with ExpertClient(a, **client_kw) as c:
+            async with BytesChannel(a, **client_kw) as c:
                 info = await c.info(timeout=10)
                 out[a] = (info.calls, info.in_flight)
         return out

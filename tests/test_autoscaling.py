@@ -23,8 +23,8 @@ from expert_service.planner import assign_replicas, imbalance, plan, shards_from
 from expert_service.server import ExpertServicer, start_server
 from moe_core.checkpoint import Checkpoint
 from router_service import model
+from router_service.dispatch import remote_dispatcher
 from router_service.engine import Engine, local_engine
-from router_service.grpc_dispatch import GrpcDispatcher
 from router_service.launcher import DEFAULT_CONFIG, load_config
 from router_service.metrics import RouterMetrics, layer_imbalance
 from router_service.sampling import SamplingParams
@@ -103,7 +103,7 @@ def two_shards(tiny_model):
 
 
 async def _serve_and_run(ckpt, shards, servicers, prompts):
-    """The router's engine and GrpcDispatcher against real ExpertService servers on loopback."""
+    """The router's engine and remote dispatcher against real ExpertService servers on loopback."""
     servers, table = [], {}
     for name, s in servicers.items():
         server, port = await start_server(s)
@@ -113,7 +113,7 @@ async def _serve_and_run(ckpt, shards, servicers, prompts):
     async def lookup():
         return table
     shard_of = {pair: name for name, pairs in shards.items() for pair in pairs}
-    dispatcher = GrpcDispatcher(shard_of, lookup)
+    dispatcher = remote_dispatcher(shard_of, lookup)
     engine = Engine(ckpt.config, model.DenseWeights.load(ckpt), dispatcher)
     metrics = RouterMetrics(engine)
     meters = {n: LoadMeter(s) for n, s in servicers.items()}
@@ -149,9 +149,9 @@ def test_reports_and_metrics_match_what_was_routed(tiny_model):
     # The metrics flush carries exactly the routed counts, the bytes on the wire and one latency per call.
     assert (got["routed"] == counts).all()
     assert got["bytes"] == {"scattered": int(counts.sum()) * H * 4, "gathered": int(counts.sum()) * H * 4}
-    assert sum(got["calls"].values()) == dispatcher.calls and set(got["calls"]) == set(shards)
+    assert sum(got["calls"].values()) == dispatcher.pool.calls and set(got["calls"]) == set(shards)
     sample = got["latency_sample"]
-    assert len(sample) == min(dispatcher.calls, 128) and all(0 < seconds < 30 for _, seconds in sample)
+    assert len(sample) == min(dispatcher.pool.calls, 128) and all(0 < seconds < 30 for _, seconds in sample)
     assert got["imbalance"] == pytest.approx(layer_imbalance(counts))
     assert got["queue"] == {"queued": 0, "running": 0}
     # Nothing new since: the next flush records nothing.

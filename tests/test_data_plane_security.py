@@ -14,12 +14,15 @@ import msgpack
 import pytest
 import torch
 
-from expert_service import auth, doorbell, ring, shared
-from expert_service.client import FALLBACKS, ExpertClient
+from expert_service import doorbell
 from expert_service.experts import ExpertShard
 from moe.v1 import common_pb2, expert_pb2, expert_pb2_grpc
+from moe_core import auth, doorbell_wire, ring, shared
 from moe_core.checkpoint import Checkpoint, random_weights, write_checkpoint
 from moe_core.config import preset
+from router_service.channels import FALLBACKS
+from router_service.channels.grpc_bytes import BytesChannel
+from router_service.channels.session import Doorbell, SessionChannel
 
 CFG = preset("tiny")
 H = CFG.hidden_size
@@ -54,9 +57,10 @@ def rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-async def answers_right(address, shard, shared_kind=None) -> ExpertClient:
-    """A router-side client's call, checked against the shard computed here."""
-    client = ExpertClient(address, shared=shared_kind)
+async def answers_right(address, shard, kind=None):
+    """A router-side channel's call (bytes, or a same-node session of `kind`), checked against the
+    shard computed here."""
+    client = SessionChannel(address, kind) if kind else BytesChannel(address)
     x = torch.randn(5, H)
     y = await client.forward(x, [(0, 0, 2), (0, 1, 3)], timeout=10)
     assert torch.equal(y, shard.forward(x, [(0, 0, 2), (0, 1, 3)]))
@@ -84,13 +88,13 @@ def test_calls_without_the_key_are_unauthenticated(server, key):
             assert seconds < 1
     # the doorbell: found through an authenticated Info only, and it wants the key too
     async def doorbell_path():
-        async with ExpertClient(address) as c:
+        async with BytesChannel(address) as c:
             return (await c.info(timeout=5)).doorbell
     path = asyncio.run(doorbell_path())
     b = shared.create("shm", 8, H, torch.float32)
 
     async def attach():
-        await doorbell.Doorbell.attach(path, "0" * 64, b, dtype="float32", timeout=5)
+        await Doorbell.attach(path, "0" * 64, b, dtype="float32", timeout=5)
     err, seconds = timed_error(attach)
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED and seconds < 1
     b.close_fds()
@@ -144,7 +148,7 @@ def _varint(n: int) -> bytes:
 
 ATTACKER = r"""
 import json, os, socket, sys, time
-from expert_service import doorbell, ring, shared, auth
+from moe_core import auth, doorbell_wire, ring, shared
 import torch
 path, mode, n = "\0" + sys.argv[1], sys.argv[2], int(sys.argv[3])
 held, codes = [], {}
@@ -153,13 +157,13 @@ for i in range(n):
     s.settimeout(5)
     s.connect(path)
     if mode == "partial":  # a frame that never finishes
-        s.sendall(doorbell._LEN.pack(4000) + b"\x99" * 100)
+        s.sendall(doorbell_wire.LEN.pack(4000) + b"\x99" * 100)
     else:  # whole, authenticated Attaches, kept open
         b = shared.create("shm", 64, %d, torch.float32)
         control, control_fd = ring.Control.create()
         wake = [ring.eventfd(), ring.eventfd()]
         try:
-            socket.send_fds(s, [doorbell.pack(["attach", auth.data_key(), "shm", "float32", 64, %d, [], [], ""])],
+            socket.send_fds(s, [doorbell_wire.pack(["attach", auth.data_key(), "shm", "float32", 64, %d, [], [], ""])],
                             [*b.fds, control_fd, *wake])
         except OSError:  # refused before it was read: the reply is waiting
             pass
@@ -190,7 +194,7 @@ def test_a_process_holding_thousands_of_sessions_or_partial_frames_cannot_deny_s
     p, address, shard = server
 
     async def path():
-        async with ExpertClient(address) as c:
+        async with BytesChannel(address) as c:
             return (await c.info(timeout=5)).doorbell
     bell = asyncio.run(path())
     before = rss_mb(p.pid)
@@ -203,7 +207,7 @@ def test_a_process_holding_thousands_of_sessions_or_partial_frames_cannot_deny_s
 
         async def router():
             client = await answers_right(address, shard, "shm")  # the router's own share is still there
-            assert client.shared == "shm" and len(client._free) == 1 and FALLBACKS["full"] == fallbacks
+            assert client.kind == "shm" and len(client._free) == 1 and FALLBACKS["full"] == fallbacks
             await client.close()
         asyncio.run(router())
         # more processes fill the replica's table: the router falls back to bytes, still right
@@ -253,7 +257,7 @@ def test_buffers_that_could_hurt_the_replica_are_refused(server, key, bad, msg):
     p, address, shard = server
 
     async def go():
-        async with ExpertClient(address) as c:
+        async with BytesChannel(address) as c:
             path = (await c.info(timeout=5)).doorbell
         capacity = 1 << 20 if bad == "rows" else 8
         nbytes = capacity * H * 4
@@ -287,7 +291,7 @@ def test_buffers_that_could_hurt_the_replica_are_refused(server, key, bad, msg):
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(5)
             s.connect(path)
-            socket.send_fds(s, [doorbell.pack(["attach", key, "shm", "float32", capacity, H, [], [], ""])], fds)
+            socket.send_fds(s, [doorbell_wire.pack(["attach", key, "shm", "float32", capacity, H, [], [], ""])], fds)
             head = s.recv(4, socket.MSG_WAITALL)
             reply = msgpack.unpackb(s.recv(int.from_bytes(head, "big"), socket.MSG_WAITALL))
         for fd in fds:
@@ -307,7 +311,7 @@ def test_idle_sessions_expire_and_the_client_reattaches():
     async def go():
         servicer = ExpertServicer(shard, limits=doorbell.Limits(idle_s=0.4))
         server, port = await start_server(servicer)
-        client = ExpertClient(f"127.0.0.1:{port}", shared="shm")
+        client = SessionChannel(f"127.0.0.1:{port}", "shm")
         try:
             x = torch.randn(3, 32)
             await client.forward(x, [(0, 0, 3)], timeout=5)
@@ -336,7 +340,7 @@ def test_stopping_the_server_closes_its_doorbell():
     async def go():
         servicer = ExpertServicer(shard)
         server, port = await start_server(servicer)
-        client = ExpertClient(f"127.0.0.1:{port}", shared="shm")
+        client = SessionChannel(f"127.0.0.1:{port}", "shm")
         try:
             await client.forward(torch.randn(3, 32), [(0, 0, 3)], timeout=5)
             assert len(servicer.sessions) == 1
@@ -346,7 +350,7 @@ def test_stopping_the_server_closes_its_doorbell():
             left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
             assert not [t for t in left if "Doorbell" in repr(t)], left
             with pytest.raises(ConnectionRefusedError):
-                doorbell._unix_socket(bell.path)
+                doorbell_wire.unix_socket(bell.path)
         finally:
             await client.close()
             servicer.close()

@@ -15,13 +15,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from expert_service import auth, doorbell, ring, shared
+from expert_service import doorbell
 from expert_service.experts import ExpertShard, expert_ffn
-from expert_service.server import CHANNEL_OPTIONS, ExpertServicer, start_server
+from expert_service.server import ExpertServicer, start_server
 from moe.v1 import common_pb2, expert_pb2, expert_pb2_grpc
+from moe_core import auth, doorbell_wire, ring, shared
 from moe_core.checkpoint import Checkpoint, expert_keys, random_weights, write_checkpoint
 from moe_core.codec import DTYPES, FLOAT_DTYPES, decode, encode
 from moe_core.config import preset
+from moe_core.grpc_options import CHANNEL_OPTIONS
 
 CFG = preset("tiny")
 H = CFG.hidden_size
@@ -202,8 +204,8 @@ def test_fuzzed_doorbell_frames_and_ring_envelopes_are_refused_cleanly_then_a_va
                             st.just("")).map(list)
     frames = st.one_of(
         st.binary(max_size=64).map(lambda b: len(b).to_bytes(4, "big") + b),   # not msgpack
-        st.recursive(values, lambda c: st.lists(c, max_size=4), max_leaves=8).map(doorbell.pack),
-        near_attach.map(doorbell.pack))
+        st.recursive(values, lambda c: st.lists(c, max_size=4), max_leaves=8).map(doorbell_wire.pack),
+        near_attach.map(doorbell_wire.pack))
     seen = {}
     allowed = {0, grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.UNAUTHENTICATED.value[0]}
 
@@ -221,7 +223,7 @@ def test_fuzzed_doorbell_frames_and_ring_envelopes_are_refused_cleanly_then_a_va
     with socket.socket(socket.AF_UNIX) as s:  # one attached session whose ring gets the envelopes
         s.settimeout(10)
         s.connect(path)
-        socket.send_fds(s, [doorbell.pack(["attach", servicer.key, "shm", "float32", 8, H, [], [], ""])], fds)
+        socket.send_fds(s, [doorbell_wire.pack(["attach", servicer.key, "shm", "float32", 8, H, [], [], ""])], fds)
         assert read(s)[0] == 0
         w, seq, ring_codes = control.words, [0], {}
 

@@ -16,14 +16,14 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from expert_service import auth
-from expert_service.client import ExpertClient
 from expert_service.experts import ExpertShard, expert_ffn
 from expert_service.server import ExpertServicer, start_server
 from moe.v1 import common_pb2, expert_pb2, expert_pb2_grpc
+from moe_core import auth
 from moe_core.checkpoint import Checkpoint, expert_keys, random_weights, write_checkpoint
 from moe_core.codec import encode
 from moe_core.config import preset
+from router_service.channels.grpc_bytes import BytesChannel
 
 CFG = preset("tiny")  # H=64, I=128, 2 layers, 8 experts
 H = CFG.hidden_size
@@ -70,7 +70,7 @@ def test_forward_equals_expert_ffn(model):
 
     async def main():
         servicer, server, addr = await serving(path)
-        async with ExpertClient(addr) as client:
+        async with BytesChannel(addr) as client:
             for segments in LAYOUTS:
                 x = torch.randn(sum(n for *_, n in segments), H)
                 y = await client.forward(x, segments, timeout=10)
@@ -78,7 +78,8 @@ def test_forward_equals_expert_ffn(model):
                 torch.testing.assert_close(y, reference(state, x, segments), rtol=1e-5, atol=1e-6)
             x = torch.randn(6, H)
             for wire in ("bfloat16", "float16"):  # request dtype in, same dtype out
-                y = await client.forward(x, [(0, 3, 6)], timeout=10, wire_dtype=wire)
+                async with BytesChannel(addr, wire_dtype=wire) as narrow:
+                    y = await narrow.forward(x, [(0, 3, 6)], timeout=10)
                 torch.testing.assert_close(y, reference(state, x, [(0, 3, 6)]), rtol=2e-2, atol=2e-3)
             info = await client.info(timeout=5)
         await server.stop(None)
@@ -96,7 +97,7 @@ def test_compute_dtype_and_reply_dtype(model):
     async def main():
         _, server, addr = await serving(path, dtype=torch.bfloat16)
         x = torch.randn(4, H)
-        async with ExpertClient(addr) as client:
+        async with BytesChannel(addr) as client:
             y = await client.forward(x, [(1, 5, 4)], timeout=10)
             info = await client.info(timeout=5)
         await server.stop(None)
@@ -177,7 +178,7 @@ def test_health_and_in_flight_and_deadline(model):
             for name in ("", "moe.v1.ExpertService"):
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            async with ExpertClient(addr) as client:
+            async with BytesChannel(addr) as client:
                 x = torch.randn(2, H)
                 calls = [asyncio.create_task(client.forward(x, [(0, 0, 2)], timeout=10)) for _ in range(3)]
                 for _ in range(500):  # one computing, two queued for the worker thread
@@ -208,7 +209,7 @@ def test_standalone_server_starts_answers_and_stops(model):
         assert line["pairs"] == 2 and line["port"] > 0
 
         async def call():
-            async with ExpertClient(f"127.0.0.1:{line['port']}") as client:
+            async with BytesChannel(f"127.0.0.1:{line['port']}") as client:
                 x = torch.randn(3, H)
                 y = await client.forward(x, [(1, 6, 1), (1, 5, 2)], timeout=10)
             torch.testing.assert_close(y, reference(state, x, [(1, 6, 1), (1, 5, 2)]), rtol=1e-5, atol=1e-6)

@@ -21,14 +21,14 @@ import torch
 from ray import serve
 
 from benchmarks.common import ExpertServers
-from expert_service.doorbell import Doorbell
 from expert_service.experts import ExpertShard
 from expert_service.server import start_server
 from moe.v1 import gateway_pb2_grpc
 from moe_core.checkpoint import Checkpoint, all_pairs
 from router_service import client
+from router_service.channels.session import Doorbell
+from router_service.dispatch import remote_dispatcher
 from router_service.engine import Overloaded, local_engine
-from router_service.grpc_dispatch import GrpcDispatcher
 from router_service.launcher import deploy
 from router_service.sampling import SamplingParams
 from tests.cluster_fixtures import running_app
@@ -49,7 +49,7 @@ class SlowExperts:
         self.inner, self.delay_s = inner, delay_s
         self.started = self.cancelled = self.finished = 0
 
-    async def run_experts(self, layer, x_NH, counts_E):
+    async def run_experts(self, layer, x_NH, counts_E, deadline=None):
         self.started += 1
         try:
             await asyncio.sleep(self.delay_s)
@@ -57,7 +57,7 @@ class SlowExperts:
             self.cancelled += 1
             raise
         self.finished += 1
-        return await self.inner.run_experts(layer, x_NH, counts_E)
+        return await self.inner.run_experts(layer, x_NH, counts_E, deadline)
 
 
 def slow_engine(model_dir, delay_s=0.2, **limits):
@@ -162,7 +162,7 @@ def test_dispatcher_skips_dead_and_hung_replicas_within_seconds(tiny_model):
 
         async def forget(address):
             forgotten.add(address)
-        d = GrpcDispatcher({p: "all" for p in pairs}, lookup, forget, refresh_s=30)
+        d = remote_dispatcher({p: "all" for p in pairs}, lookup, forget, refresh_s=30)
         try:
             outs = []
             while len(forgotten) < 2 and len(outs) < 40:  # picks are random among equally loaded replicas
@@ -172,7 +172,7 @@ def test_dispatcher_skips_dead_and_hung_replicas_within_seconds(tiny_model):
         finally:
             await d.close()
             await server.stop(None)
-        return outs, forgotten, seconds, d.retries
+        return outs, forgotten, seconds, d.pool.retries
     outs, forgotten, seconds, retries = run(go())
     want = shard.forward(x, [(0, 0, 1), (0, 2, 2), (0, 6, 2)])
     assert all(torch.equal(y, want) for y in outs)
@@ -201,13 +201,13 @@ def test_a_stopped_replica_behind_a_doorbell_is_skipped_within_seconds(tiny_mode
 
             async def forget(address):
                 forgotten.append(address)
-            d = GrpcDispatcher({p: "all" for p in pairs}, lookup, forget, refresh_s=30, shared="shm")
+            d = remote_dispatcher({p: "all" for p in pairs}, lookup, forget, refresh_s=30, channel="shm")
             try:
                 for _ in range(20):  # shm sessions with their doorbells on both replicas
                     await asyncio.gather(*(d.run_experts(0, x, counts) for _ in range(4)))
-                    if all(r.client._free and r.client._free[0].doorbell for r in d.replicas["all"]):
+                    if all(r.channel._free and r.channel._free[0].doorbell for r in d.pool.replicas["all"]):
                         break
-                assert all(r.client._free and r.client._free[0].doorbell for r in d.replicas["all"])
+                assert all(r.channel._free and r.channel._free[0].doorbell for r in d.pool.replicas["all"])
                 servers.procs[0].send_signal(signal.SIGSTOP)
                 while not forgotten and len(outs) < 40:
                     t = time.monotonic()

@@ -5,8 +5,8 @@ import torch
 from expert_service.experts import ExpertShard
 from expert_service.server import ExpertServicer, start_server
 from router_service import model
-from router_service.dispatch import InProcessDispatcher
-from router_service.grpc_dispatch import GrpcDispatcher, split_segments
+from router_service.dispatch import InProcessDispatcher, remote_dispatcher
+from router_service.replica_pool import split_segments
 from tests.conftest import run
 
 
@@ -40,7 +40,7 @@ def test_hot_shard_rows_split_across_its_replicas_same_numbers():
 
         async def lookup():
             return table
-        disp = GrpcDispatcher({(0, e): f"expert-{e}" for e in range(E)}, lookup, split_min_rows=4)
+        disp = remote_dispatcher({(0, e): f"expert-{e}" for e in range(E)}, lookup, split_min_rows=4)
         x = torch.randn(64, H, generator=g)
         gate = torch.zeros(E, H)
         gate[0] += 1.0  # every token routes to expert 0 first
@@ -55,7 +55,7 @@ def test_hot_shard_rows_split_across_its_replicas_same_numbers():
     assert len(hot_rows) == 3 and all(r > 0 for r in hot_rows)  # every replica of the hot expert worked
 
 
-@pytest.mark.parametrize("shared", [None, "shm"])
+@pytest.mark.parametrize("shared", ["grpc", "shm"])
 def test_shards_with_scattered_rows_and_one_slice_each_equal_in_process(shared):
     """Experts 0 and 2 in one shard, 1 and 3 in another (their rows are two slices of the layer's,
     gathered and scattered), and 4 alone (one slice, written straight into the layer's output)."""
@@ -73,7 +73,7 @@ def test_shards_with_scattered_rows_and_one_slice_each_equal_in_process(shared):
 
         async def lookup():
             return table
-        disp = GrpcDispatcher({(0, e): n for n, es in shards.items() for e in es}, lookup, shared=shared)
+        disp = remote_dispatcher({(0, e): n for n, es in shards.items() for e in es}, lookup, channel=shared)
         x = torch.randn(40, H, generator=g)
         gate = torch.randn(E, H, generator=g)
         got = [await model.moe(0, x, gate, 2, disp) for _ in range(2)]  # the second reuses the sessions
@@ -92,7 +92,7 @@ def test_a_shard_with_no_live_replica_waits_for_one_then_gives_up_past_its_wait(
     under Serve) and returns its rows; with no replica back within `wait_s` it fails UNAVAILABLE."""
     import asyncio
 
-    from router_service.grpc_dispatch import ExpertsUnavailable
+    from router_service.replica_pool import ExpertsUnavailable
     g = torch.Generator().manual_seed(0)
     H, I = 16, 24
     weights = {(0, 0): tuple(torch.randn(*s, generator=g) / 4 for s in ((I, H), (H, I), (I, H)))}
@@ -106,7 +106,7 @@ def test_a_shard_with_no_live_replica_waits_for_one_then_gives_up_past_its_wait(
         async def lookup():
             looked_up.set()
             return table
-        disp = GrpcDispatcher({(0, 0): "expert-0"}, lookup, wait_s=30, wait_poll_s=0.05)
+        disp = remote_dispatcher({(0, 0): "expert-0"}, lookup, wait_s=30, wait_poll_s=0.05)
         call = asyncio.create_task(disp.run_experts(0, x, [5]))
         await looked_up.wait()
         await asyncio.sleep(0.3)
@@ -114,11 +114,11 @@ def test_a_shard_with_no_live_replica_waits_for_one_then_gives_up_past_its_wait(
         server, port = await start_server(ExpertServicer(ExpertShard(weights)))
         table["expert-0"] = [f"127.0.0.1:{port}"]  # the replica is back
         got = await asyncio.wait_for(call, 10)
-        waits = disp.waits
+        waits = disp.pool.waits
         await disp.close()
         await server.stop(None)
 
-        short = GrpcDispatcher({(0, 0): "expert-0"}, lookup, wait_s=0.2, wait_poll_s=0.05)
+        short = remote_dispatcher({(0, 0): "expert-0"}, lookup, wait_s=0.2, wait_poll_s=0.05)
         table["expert-0"] = []
         with pytest.raises(ExpertsUnavailable, match="no live replica of expert shard expert-0 after waiting"):
             await short.run_experts(0, x, [5])

@@ -15,15 +15,15 @@ import ray
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from expert_service.client import ExpertClient
 from expert_service.deployment import server_credentials
 from expert_service.experts import ExpertShard
 from expert_service.server import start_server
 from moe.v1 import gateway_pb2, gateway_pb2_grpc
 from moe_core.checkpoint import Checkpoint, all_pairs
 from router_service import client, security
+from router_service.channels.grpc_bytes import BytesChannel
+from router_service.dispatch import remote_dispatcher
 from router_service.engine import local_engine
-from router_service.grpc_dispatch import GrpcDispatcher
 from router_service.sampling import SamplingParams
 from tests.cluster_fixtures import free_port, running_app
 from tests.conftest import run
@@ -68,7 +68,7 @@ def test_expert_mtls_refuses_clients_without_a_router_certificate(pki, tiny_mode
             outcomes = {}
             # a certificate the same CA signed for another role (the gateway's) is not a router's
             gateway_cert, gateway_key = pki["gateway"]
-            async with ExpertClient(address, options=options, credentials=security.expert_channel_credentials(
+            async with BytesChannel(address, options=options, credentials=security.expert_channel_credentials(
                     tls | {"client_cert": gateway_cert, "client_key": gateway_key})) as c:
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await c.info(timeout=10)
@@ -80,14 +80,14 @@ def test_expert_mtls_refuses_clients_without_a_router_certificate(pki, tiny_mode
                 "certificate from another CA": security.expert_channel_credentials(
                     tls | {"client_cert": stranger_cert, "client_key": stranger_key}),
             }.items():
-                async with ExpertClient(address, options=options, credentials=creds) as c:
+                async with BytesChannel(address, options=options, credentials=creds) as c:
                     with pytest.raises(grpc.aio.AioRpcError) as e:
                         await c.info(timeout=10)
                     outcomes[who] = e.value.code()
-            # the router's own wiring: GrpcDispatcher with the credentials app args give it
+            # the router's own wiring: its remote dispatcher with the credentials app args give it
             async def lookup():
                 return {"all": [address]}
-            d = GrpcDispatcher({p: "all" for p in pairs}, lookup,
+            d = remote_dispatcher({p: "all" for p in pairs}, lookup,
                                credentials=security.expert_channel_credentials(tls),
                                channel_options=security.expert_channel_options(tls))
             try:
@@ -210,7 +210,7 @@ def test_expert_data_plane_is_node_local_and_needs_a_client_certificate(secured,
     options = client.OPTIONS + security.expert_channel_options(tls)
 
     async def info(address, creds):
-        async with ExpertClient(address, options=options, credentials=creds) as c:
+        async with BytesChannel(address, options=options, credentials=creds) as c:
             try:
                 return (await c.info(timeout=10)).hidden_size
             except grpc.aio.AioRpcError as e:

@@ -7,11 +7,14 @@ import grpc
 import pytest
 import torch
 
-from expert_service import auth, doorbell, ring, shared
-from expert_service.client import FALLBACKS, ExpertClient
+from expert_service import doorbell
 from expert_service.experts import ExpertShard
 from expert_service.server import ExpertServicer, start_server
 from moe.v1 import expert_pb2, expert_pb2_grpc
+from moe_core import auth, ring, shared
+from router_service.channels import FALLBACKS
+from router_service.channels.grpc_bytes import BytesChannel
+from router_service.channels.session import Doorbell, SessionChannel
 from tests.conftest import run
 
 
@@ -32,7 +35,7 @@ def test_shm_forward_equals_bytes_and_cleans_up():
     async def go():
         servicer = ExpertServicer(shard)
         server, port = await start_server(servicer)
-        plain, fast = ExpertClient(f"127.0.0.1:{port}"), ExpertClient(f"127.0.0.1:{port}", shared="shm")
+        plain, fast = BytesChannel(f"127.0.0.1:{port}"), SessionChannel(f"127.0.0.1:{port}", "shm")
         try:
             for T in (1, 5, 64, 65, 300, 7):  # grows the buffers, then reuses them
                 x = torch.randn(T, 32)
@@ -40,7 +43,7 @@ def test_shm_forward_equals_bytes_and_cleans_up():
                 a = await plain.forward(x, segs, timeout=10)
                 b = await fast.forward(x, segs, timeout=10)
                 assert torch.equal(a, b) and torch.equal(b, shard.forward(x, segs))
-            assert fast.shared == "shm" and {b.kind for b in servicer.sessions.values()} == {"shm"}
+            assert fast.kind == "shm" and {b.kind for b in servicer.sessions.values()} == {"shm"}
             assert _ours() == before  # memfds: nothing with a name anywhere
             assert fast._free and all(not s.doorbell.closed for s in fast._free)
         finally:
@@ -84,7 +87,7 @@ def test_grpc_attach_and_session_forwards_are_refused():
 async def _attached(servicer, capacity=8, hidden=32, key=None, buffers=None):
     """A raw shm session on its own doorbell connection, attached like the client does."""
     b = buffers or shared.create("shm", capacity, hidden, torch.float32)
-    bell = await doorbell.Doorbell.attach(servicer.doorbell.path, key or servicer.key, b, dtype="float32", timeout=5)
+    bell = await Doorbell.attach(servicer.doorbell.path, key or servicer.key, b, dtype="float32", timeout=5)
     b.close_fds()
     return b, bell
 
@@ -155,15 +158,15 @@ def test_a_cancelled_call_drops_its_session_and_an_unreachable_doorbell_falls_ba
         if not reachable:
             servicer.doorbell.path = "\0moe-doorbell-nobody-listens"
             before = dict(FALLBACKS)
-        client = ExpertClient(f"127.0.0.1:{port}", shared="shm")
+        client = SessionChannel(f"127.0.0.1:{port}", "shm")
         try:
             x = torch.randn(6, 32)
             assert torch.equal(await client.forward(x, [(0, 2, 6)], timeout=10), shard.forward(x, [(0, 2, 6)]))
             if not reachable:  # bytes for good, logged once and counted
-                assert client.shared is None and not client._free
+                assert client.kind is None and not client._free
                 assert FALLBACKS["unreachable"] == before.get("unreachable", 0) + 1
                 return
-            assert client.shared == "shm" and len(client._free) == 1
+            assert client.kind == "shm" and len(client._free) == 1
             stale = client._free[0]
             slow, release = servicer.ring.serve, threading.Event()
 
@@ -201,7 +204,7 @@ def test_doorbell_works_under_uvloop():
     async def go():
         servicer = ExpertServicer(shard)
         server, port = await start_server(servicer)
-        client = ExpertClient(f"127.0.0.1:{port}", shared="shm")
+        client = SessionChannel(f"127.0.0.1:{port}", "shm")
         try:
             x = torch.randn(5, 32)
             assert torch.equal(await client.forward(x, [(0, 1, 5)], timeout=10), shard.forward(x, [(0, 1, 5)]))
@@ -217,8 +220,8 @@ def test_doorbell_works_under_uvloop():
 def test_a_silent_doorbell_call_probes_the_replica(alive, monkeypatch):
     """No reply on the doorbell: a replica that still answers Info is busy and the call waits for
     its deadline; one that does not is gone and the call fails UNAVAILABLE, in seconds."""
-    monkeypatch.setattr(doorbell.Doorbell, "probe_after_s", 0.2)
-    monkeypatch.setattr(doorbell.Doorbell, "probe_timeout_s", 0.3)
+    monkeypatch.setattr(Doorbell, "probe_after_s", 0.2)
+    monkeypatch.setattr(Doorbell, "probe_timeout_s", 0.3)
     shard = _shard()
 
     async def go():
@@ -233,7 +236,7 @@ def test_a_silent_doorbell_call_probes_the_replica(alive, monkeypatch):
             return await info(request, context)
         servicer.Info = probed
         server, port = await start_server(servicer)
-        client = ExpertClient(f"127.0.0.1:{port}", shared="shm")
+        client = SessionChannel(f"127.0.0.1:{port}", "shm")
         try:
             x = torch.randn(4, 32)
             assert torch.equal(await client.forward(x, [(0, 0, 4)], timeout=10), shard.forward(x, [(0, 0, 4)]))

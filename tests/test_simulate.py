@@ -177,15 +177,15 @@ def test_impossible_requests_are_refused():
         load_costs(transport="carrier-pigeon")
 
 
-def test_replica_split_mirrors_the_grpc_dispatcher():
-    """A hot expert's extra replicas share each of its calls, as GrpcDispatcher splits them, so they
+def test_replica_split_mirrors_the_replica_pool():
+    """A hot expert's extra replicas share each of its calls, as ReplicaPool splits them, so they
     shorten a lone router's step; below SPLIT_MIN_ROWS rows per replica they do not."""
     import inspect
 
-    from router_service.grpc_dispatch import GrpcDispatcher
+    from router_service.replica_pool import ReplicaPool
     from router_service.simulate import SPLIT_MIN_ROWS, Simulator
 
-    assert inspect.signature(GrpcDispatcher).parameters["split_min_rows"].default == SPLIT_MIN_ROWS
+    assert inspect.signature(ReplicaPool).parameters["split_min_rows"].default == SPLIT_MIN_ROWS
     cfg = preset("mixtral-8x7b")
     counts = np.zeros((1, cfg.n_layers, 8), dtype=np.int64)
     counts[..., 0], counts[..., 1:] = 600, 60

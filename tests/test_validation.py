@@ -11,7 +11,7 @@ from moe_core.config import preset
 from router_service import security, validation
 from router_service.engine import Overloaded
 from router_service.gateway import RouterUnavailable, _status
-from router_service.grpc_dispatch import ExpertsUnavailable
+from router_service.replica_pool import ExpertsUnavailable
 from router_service.validation import RequestError
 
 CFG = preset("tiny")  # vocab 512, context 512

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from benchmarks.common import ExpertServers
-from expert_service.client import ExpertClient
 from expert_service.experts import ExpertShard
 from moe_core.checkpoint import Checkpoint, random_weights, write_checkpoint
 from moe_core.config import preset
+from router_service.channels.session import SessionChannel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPUS = list(range(torch.cuda.device_count()))
@@ -58,7 +58,7 @@ def test_session_output_equals_in_process_on_own_and_peer_gpu(model_dir, servers
     hidden = shard.weights[0, 0][0].shape[1]
 
     async def calls():
-        async with ExpertClient(servers[how, gpu], shared="cuda_ipc") as client:
+        async with SessionChannel(servers[how, gpu], "cuda_ipc") as client:
             outs = []
             for i, n in enumerate((1, 37, 300, 300, 1024)):
                 # rows produced by GPU work still queued on this stream when the call is made: a
@@ -88,7 +88,7 @@ def test_concurrent_sessions_on_two_gpus(servers, model_dir):
     xs = [torch.randn(64 * (i + 1), hidden, device=dev).to(torch.bfloat16) for i in range(8)]
 
     async def calls():
-        clients = [ExpertClient(servers["pinned", g], shared="cuda_ipc") for g in (0, 1)]
+        clients = [SessionChannel(servers["pinned", g], "cuda_ipc") for g in (0, 1)]
         try:
             return await asyncio.gather(*(clients[i % 2].forward(x, _segments(x.shape[0]), timeout=60)
                                           for i, x in enumerate(xs)))
@@ -120,7 +120,7 @@ def test_decode_size_calls_replay_graphs_that_read_each_calls_rows(tmp_path):
 
     with ExpertServers(tmp_path, {"all": list(range(8))}, device="cuda", dtype="float32", gpus={"all": 0}) as s:
         async def go():
-            async with ExpertClient(s.addresses["all"], shared="cuda_ipc") as client:
+            async with SessionChannel(s.addresses["all"], "cuda_ipc") as client:
                 return await calls(client)
         outs = asyncio.run(go())
     for x, segments, y in outs:

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from benchmarks.common import ExpertServers
-from expert_service import doorbell, shared
-from expert_service.client import ExpertClient
+from expert_service import doorbell
+from moe_core import shared
 from moe_core.checkpoint import random_weights, write_checkpoint
 from moe_core.config import preset
+from router_service.channels.grpc_bytes import BytesChannel
+from router_service.channels.session import Doorbell
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 H = preset("tiny").hidden_size
@@ -31,7 +33,7 @@ def server(tmp_path_factory):
 
 
 async def _doorbell(address):
-    async with ExpertClient(address) as c:
+    async with BytesChannel(address) as c:
         return (await c.info(timeout=10)).doorbell
 
 
@@ -57,14 +59,14 @@ def test_descriptors_outside_the_allocation_are_refused(server, change, code, wo
         path = await _doorbell(server)
         b = shared.create("cuda_ipc", 64, H, torch.float32, "cuda")
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await doorbell.Doorbell.attach(path, shared_key(), _tamper(b, **change), dtype="float32", timeout=10)
+            await Doorbell.attach(path, shared_key(), _tamper(b, **change), dtype="float32", timeout=10)
         return e.value
     err = asyncio.run(go())
     assert err.code() == code and words in err.details(), err.details()
 
 
 def shared_key():
-    from expert_service import auth
+    from moe_core import auth
     return auth.data_key()
 
 
@@ -79,7 +81,7 @@ def test_ref_counter_fields_from_the_client_are_not_used(server, tmp_path):
     async def go():
         bell_path = await _doorbell(server)
         b = shared.create("cuda_ipc", 64, H, torch.float32, "cuda")
-        bell = await doorbell.Doorbell.attach(bell_path, shared_key(), _tamper(b, ref_handle=victim.encode(),
+        bell = await Doorbell.attach(bell_path, shared_key(), _tamper(b, ref_handle=victim.encode(),
                                               ref_offset=9000), dtype="float32", timeout=10)
         b.x.normal_()
         b.ready.record()
@@ -101,6 +103,6 @@ def test_a_session_without_the_key_is_unauthenticated(server):
         path = await _doorbell(server)
         b = shared.create("cuda_ipc", 64, H, torch.float32, "cuda")
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await doorbell.Doorbell.attach(path, "0" * 64, b, dtype="float32", timeout=10)
+            await Doorbell.attach(path, "0" * 64, b, dtype="float32", timeout=10)
         return e.value
     assert asyncio.run(go()).code() == grpc.StatusCode.UNAUTHENTICATED
