@@ -24,9 +24,10 @@ import tempfile
 
 import torch
 
-from benchmarks.common import ExpertServers, measure, run, save
+from benchmarks.common import measure, run, save
 from benchmarks.moe_layer import layer_checkpoint
 from expert_service.experts import ExpertShard
+from expert_service.processes import ExpertServers
 from router_service.channels.by_name import connector
 
 

@@ -36,8 +36,9 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import ExpertServers, save
+from benchmarks.common import save
 from expert_service.experts import ExpertShard
+from expert_service.processes import ExpertServers
 from moe_core.checkpoint import all_pairs, dense_shapes, expert_keys, expert_shapes, write_checkpoint
 from moe_core.config import preset
 from router_service import model

@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from benchmarks.common import ExpertServers, measure, run, save
+from benchmarks.common import measure, run, save
+from expert_service.processes import ExpertServers
 from moe_core.checkpoint import Checkpoint, random_weights, write_checkpoint
 from moe_core.config import preset
 from router_service import model

@@ -20,8 +20,8 @@ import ray
 import torch
 from ray import serve
 
-from benchmarks.common import ExpertServers
 from expert_service.experts import ExpertShard
+from expert_service.processes import ExpertServers
 from expert_service.server import start_server
 from moe.v1 import gateway_pb2_grpc
 from moe_core.checkpoint import Checkpoint, all_pairs

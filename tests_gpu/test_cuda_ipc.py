@@ -11,8 +11,8 @@ import asyncio
 import pytest
 import torch
 
-from benchmarks.common import ExpertServers
 from expert_service.experts import ExpertShard
+from expert_service.processes import ExpertServers
 from moe_core.checkpoint import Checkpoint, random_weights, write_checkpoint
 from moe_core.config import preset
 from router_service.channels.session import SessionChannel

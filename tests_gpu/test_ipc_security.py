@@ -11,8 +11,8 @@ import msgpack
 import pytest
 import torch
 
-from benchmarks.common import ExpertServers
 from expert_service import doorbell
+from expert_service.processes import ExpertServers
 from moe_core import shared
 from moe_core.checkpoint import random_weights, write_checkpoint
 from moe_core.config import preset
