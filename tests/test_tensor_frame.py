@@ -185,7 +185,8 @@ BAD = [
     (frame(shape=(MAX_ROWS + 1, H), payload=bytes(16), segments=((0, 0, MAX_ROWS + 1),)),
      f"declares {(MAX_ROWS + 1) * H} elements, limit is {MAX_ROWS * H}"),
     (frame(shape=(2**40, H), payload=bytes(16)), "elements, limit is"),
-    (frame(segments=[(0, 0, 0)] * (MAX_SEGMENTS + 1)), f"{MAX_SEGMENTS + 1} segments exceed the limit of {MAX_SEGMENTS}"),
+    (frame(segments=[(0, 0, 0)] * (MAX_SEGMENTS + 1)),
+     f"{MAX_SEGMENTS + 1} segments exceed the limit of {MAX_SEGMENTS}"),
     (frame(segments=[(0, 0, 0)] * 5000), f"more than {MAX_SEGMENTS + 4} fields"),
     (frame(pad=bytes(16)), "field 15 of 16 bytes exceeds 15"),
     (frame(segments=((0, 0, 3),)), "segments cover 3 rows, hidden has 4"),
@@ -320,20 +321,23 @@ def test_mtls_role_is_checked_before_the_frame(tmp_path, served):
 
     state, servicer, _, _ = served
     ca = CA(tmp_path)
-    (cert, key), router, gateway = ca.issue("moe-expert", dns=["moe-expert"]), ca.issue("moe-router"), ca.issue("gateway")
+    (cert, key), router, gateway = (ca.issue("moe-expert", dns=["moe-expert"]), ca.issue("moe-router"),
+                                    ca.issue("gateway"))
     tls = {"ca": ca.path, "cert": cert, "key": key, "client_cert": router[0], "client_key": router[1],
            "server_name": "moe-expert"}
     x = torch.randn(3, H)
 
     async def main():
-        server, port = await start_server(servicer.shard, credentials=server_credentials(tls), client_role="moe-router")
+        server, port = await start_server(servicer.shard, credentials=server_credentials(tls),
+                                          client_role="moe-router")
         md = auth.call_metadata(servicer.key)
         try:
             results = []
+            options = CHANNEL_OPTIONS + security.expert_channel_options(tls)
             for client_cert, client_key in (gateway, router):
-                creds = security.expert_channel_credentials(tls | {"client_cert": client_cert, "client_key": client_key})
-                async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds,
-                                                   options=CHANNEL_OPTIONS + security.expert_channel_options(tls)) as ch:
+                creds = security.expert_channel_credentials(tls | {"client_cert": client_cert,
+                                                                   "client_key": client_key})
+                async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=options) as ch:
                     try:
                         results.append(await forward_frame(ch, x, [(0, 1, 3)], timeout=10, metadata=md,
                                                            max_elements=MAX_ROWS * H))
