@@ -171,7 +171,14 @@ TENSOR_SCAN = {"max_fields": 3 + MAX_RANK, "max_len": {1: 16, 2: 10 * MAX_RANK}}
 
 
 def check_finite(t: torch.Tensor, name: str = "tensor") -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    """WireError when a float tensor holds a NaN or an infinity.
+
+    A sum over a NaN or an infinity is never finite, so a finite sum (one reduction, nothing
+    allocated) clears the tensor; only a non-finite sum, which huge finite values can also give,
+    needs the element-wise check (a bool per element and a pass over them)."""
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return
+    if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise WireError(f"{name}: {bad} of {t.numel()} values are NaN or infinite")
 
