@@ -1,13 +1,16 @@
 """Question: how fast does a tensor cross the wire, and what does the HTTP/2 tuning buy?
 
 A float32 [rows, 4096] tensor makes a round trip to an echo server in another process, over
-grpc.aio on 127.0.0.1, at 128 KB to 64 MB. Two paths, each with the tuned channel options
-(`expert_service.server.channel_options`, both ends) and with gRPC's defaults (only the
+grpc.aio on 127.0.0.1, at 128 KB to 64 MB. Three paths, each with the tuned channel options
+(`moe_core.grpc_options.channel_options`, both ends) and with gRPC's defaults (only the
 message-size limits raised, or nothing above 4 MB would pass):
 
 - `codec`: client encode -> Tensor protobuf -> gRPC -> server decode + encode -> gRPC -> client
   decode: everything an expert call does except the math. encode/decode ms are the client's;
   rpc ms holds the rest (both transfers and the server's decode + encode).
+- `frame`: the same round trip as ForwardFrame makes it (moe_core/tensor_frame.py): client
+  encode_request -> raw bytes frame -> gRPC -> server decode_request (with its finite check) +
+  encode_reply -> gRPC -> client decode_reply.
 - `wire`: the serialized bytes echoed as they are (no protobuf, no codec on either side): the
   transport alone.
 
@@ -20,7 +23,10 @@ encode: numpy tobytes 1, protobuf field set (upb copies into its arena) 1; Seria
 upb encode 1, into Python bytes 1; grpc send: slice from a copied buffer 1; kernel send + receive
 2; grpc receive: one bytes per slice, then joined 2 (1 when the message arrives in one slice);
 FromString (upb parses without aliasing) 1; decode: `.data` makes a fresh bytes 1,
-torch.frombuffer 0. `wire`: the 3 grpc copies + 2 in the kernel.
+torch.frombuffer 0. `frame` 4 in user space + 2 in the kernel: encode: header and payload joined
+into one bytes 1 (the tensor's bytes are viewed, not copied, before that); the 3 grpc copies;
+decode: a memoryview of the received bytes, torch.frombuffer 0. `wire`: the 3 grpc copies + 2 in
+the kernel.
 
 `--malloc heap` (the default, as in the services) keeps large buffers in glibc's heap in both processes (moe_core.codec.
 keep_large_buffers): without it every copy above 32 MB lands in fresh, page-faulting memory.
@@ -47,11 +53,13 @@ from moe.v1 import common_pb2
 from moe_core.checkpoint import parse_size
 from moe_core.codec import decode, encode
 from moe_core.grpc_options import channel_options
+from moe_core.tensor_frame import decode_reply, decode_request, encode_reply, encode_request
 
 HIDDEN = 4096
 SERVICE = "moe.bench.Echo"
-COPIES = {"codec": 9, "wire": 3}  # user-space copies per direction, see the module docstring
+COPIES = {"codec": 9, "frame": 4, "wire": 3}  # user-space copies per direction, see the module docstring
 KERNEL_COPIES = 2
+MAX_ELEMENTS = 1 << 26  # the echo server's limit: 256 MB of float32
 
 
 def options(kind: str) -> list[tuple[str, int]]:
@@ -77,8 +85,16 @@ async def _serve() -> None:
         context.set_trailing_metadata((("server-us", str(int((time.perf_counter() - t0) * 1e6))),))
         return out
 
+    async def echo_frame(data: bytes, context) -> bytes:
+        t0 = time.perf_counter()
+        x, _ = decode_request(data, hidden=HIDDEN, max_elements=MAX_ELEMENTS, max_segments=1)
+        out = encode_reply(x)
+        context.set_trailing_metadata((("server-us", str(int((time.perf_counter() - t0) * 1e6))),))
+        return out
+
     handlers = grpc.method_handlers_generic_handler(SERVICE, {
         "Bytes": grpc.unary_unary_rpc_method_handler(echo_bytes),
+        "Frame": grpc.unary_unary_rpc_method_handler(echo_frame),
         "Tensor": grpc.unary_unary_rpc_method_handler(
             echo_tensor, request_deserializer=common_pb2.Tensor.FromString,
             response_serializer=common_pb2.Tensor.SerializeToString)})
@@ -128,6 +144,7 @@ async def _bench_size(ch, x: torch.Tensor, iters: int | None) -> list[dict]:
     call_tensor = ch.unary_unary(f"/{SERVICE}/Tensor", request_serializer=common_pb2.Tensor.SerializeToString,
                                  response_deserializer=common_pb2.Tensor.FromString)
     call_bytes = ch.unary_unary(f"/{SERVICE}/Bytes")
+    call_frame = ch.unary_unary(f"/{SERVICE}/Frame")
 
     async def codec_once():
         t0 = time.perf_counter()
@@ -137,6 +154,18 @@ async def _bench_size(ch, x: torch.Tensor, iters: int | None) -> list[dict]:
         reply = await call
         t2 = time.perf_counter()
         y = decode(reply)
+        t3 = time.perf_counter()
+        server_us = dict(await call.trailing_metadata()).get("server-us", "0")
+        return y, ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, int(server_us) / 1e3)
+
+    async def frame_once():
+        t0 = time.perf_counter()
+        data = encode_request(x, [(0, 0, x.shape[0])])
+        t1 = time.perf_counter()
+        call = call_frame(data, timeout=120)
+        reply = await call
+        t2 = time.perf_counter()
+        y = decode_reply(reply, rows=x.shape[0], hidden=HIDDEN, max_elements=MAX_ELEMENTS, dtype=x.dtype)
         t3 = time.perf_counter()
         server_us = dict(await call.trailing_metadata()).get("server-us", "0")
         return y, ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, int(server_us) / 1e3)
@@ -155,16 +184,25 @@ async def _bench_size(ch, x: torch.Tensor, iters: int | None) -> list[dict]:
         raise AssertionError("the echoed tensor differs from the one sent")
     n = iters or iters_for(sum(first[:3]))
     codec = [(await codec_once())[1] for _ in range(n)]
+    y, _ = await frame_once()
+    if not torch.equal(y, x):
+        raise AssertionError("the echoed frame's tensor differs from the one sent")
+    frame = [(await frame_once())[1] for _ in range(n)]
     await wire_once()
     wire = [await wire_once() for _ in range(n)]
 
     nbytes = x.numel() * x.element_size()
-    enc, rpc, dec, srv = (statistics.median([c[i] for c in codec]) for i in range(4))
-    rtt = statistics.median([sum(c[:3]) for c in codec])
+
+    def row(path, times):
+        enc, rpc, dec, srv = (statistics.median([c[i] for c in times]) for i in range(4))
+        rtt = statistics.median([sum(c[:3]) for c in times])
+        return {"path": path, "encode_ms": enc, "rpc_ms": rpc, "server_ms": srv, "decode_ms": dec, "rtt_ms": rtt,
+                "GBps_each_way": nbytes / (rtt / 2 * 1e-3) / 1e9, "copies_each_way": COPIES[path], "iters": n}
+
     wire_rtt = statistics.median(wire)
     return [
-        {"path": "codec", "encode_ms": enc, "rpc_ms": rpc, "server_ms": srv, "decode_ms": dec, "rtt_ms": rtt,
-         "GBps_each_way": nbytes / (rtt / 2 * 1e-3) / 1e9, "copies_each_way": COPIES["codec"], "iters": n},
+        row("codec", codec),
+        row("frame", frame),
         {"path": "wire", "rpc_ms": wire_rtt, "rtt_ms": wire_rtt,
          "GBps_each_way": nbytes / (wire_rtt / 2 * 1e-3) / 1e9, "copies_each_way": COPIES["wire"], "iters": n},
     ]

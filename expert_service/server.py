@@ -11,6 +11,12 @@ Every call is checked in this order, each step before any work of the next:
 3. parsing (off the event loop for large messages), then the values.
 Every malformed request ends as INVALID_ARGUMENT with a message naming the problem.
 
+ForwardFrame is Forward with the tensor outside protobuf: raw bytes in and out, a small
+ForwardRequest header and the rows' bytes after it (moe_core/tensor_frame.py). It takes the
+same steps: the key first, then the header's length and wire form bounded before it is parsed,
+the payload's length checked against the header exactly, and the rows viewed in the received
+bytes, never copied or written.
+
 Same-node sessions attach over the doorbell (expert_service/doorbell.py), one per connection,
 and call through their ring (moe_core/ring.py), served on the ring's thread; gRPC Attach
 and Detach are refused, so no buffer is ever opened by a name a client supplies.
@@ -39,6 +45,7 @@ from moe_core.grpc_options import channel_options
 from moe_core.codec import (FLOAT_DTYPES, TAGS, TENSOR_SCAN, WireError, check_finite, decode, encode,
                             keep_large_buffers, scan)
 from moe_core.staging import Staging
+from moe_core.tensor_frame import decode_request, encode_reply
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +130,7 @@ class ExpertServicer:
                           expect_rank=2, expect_last_dim=self.hidden_size, name="hidden")
         return x_TH, self._check(segments, x_TH)
 
-    def _check(self, segments, x_TH: torch.Tensor):
+    def _check(self, segments, x_TH: torch.Tensor, finite: bool = True):
         for layer, expert, _ in segments:
             if (layer, expert) not in self.served:
                 raise WireError(f"this replica does not serve layer {layer} expert {expert}")
@@ -133,13 +140,15 @@ class ExpertServicer:
         # Rows from the wire or a /dev/shm file are checked. Rows in a CUDA IPC buffer are the
         # router's own GPU memory, like the in-process path's, and checking them would make this
         # host wait for the router's GPU work before launching anything.
-        if not x_TH.is_cuda:
+        if finite and not x_TH.is_cuda:
             check_finite(x_TH, "hidden")
         return segments
 
-    def _compute(self, x_TH: torch.Tensor, segments) -> common_pb2.Tensor:
+    def _compute(self, x_TH: torch.Tensor, segments, pack=encode):
+        """The [T, H] output in x_TH's dtype, on the host, packed for the reply by `pack` (a Tensor
+        protobuf by default; ForwardFrame's packs a frame)."""
         y_TH = self.shard.forward(self.staging.to_device(x_TH, self.device, self.dtype), segments)
-        return encode(self.staging.to_host(y_TH.to(x_TH.dtype)))
+        return pack(self.staging.to_host(y_TH.to(x_TH.dtype)))
 
     def forward_session(self, session: str, rows: int, segments) -> None:
         """A call of a session's rows through its ring (on the ring's thread); raises WireError on
@@ -183,12 +192,12 @@ class ExpertServicer:
             y_TH = self.shard.forward(x_TH.to(self.device, self.dtype), segments)
             return y_TH.to("cpu", x_TH.dtype)
 
-    async def _run(self, x_TH: torch.Tensor, segments) -> common_pb2.Tensor:
+    async def _run(self, x_TH: torch.Tensor, segments, pack=encode):
         """Computes one gRPC call, counting it; a fault of ours (e.g. device OOM) is logged and re-raised."""
         with self._counted(x_TH):
             if x_TH.shape[0] * self.work_per_row < self.inline_below:
-                return self._compute(x_TH, segments)
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self._compute, x_TH, segments)
+                return self._compute(x_TH, segments, pack)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._compute, x_TH, segments, pack)
 
     @contextlib.contextmanager
     def _counted(self, x_TH: torch.Tensor):
@@ -217,6 +226,20 @@ class ExpertServicer:
         except Exception as e:
             await context.abort(grpc.StatusCode.INTERNAL, f"expert compute failed: {type(e).__name__}")
         return expert_pb2.ForwardReply(output=output)
+
+    async def ForwardFrame(self, data: bytes, context) -> bytes:
+        """Forward over raw bytes frames (moe_core/tensor_frame.py): the rows are viewed in the
+        received bytes, never written, and the reply is one frame in the request's dtype."""
+        try:
+            x_TH, segments = decode_request(data, hidden=self.hidden_size, max_elements=self.max_elements,
+                                            max_segments=MAX_SEGMENTS)
+            segments = self._check(segments, x_TH, finite=False)  # decode_request checked the rows
+        except WireError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            return await self._run(x_TH, segments, encode_reply)
+        except Exception as e:
+            await context.abort(grpc.StatusCode.INTERNAL, f"expert compute failed: {type(e).__name__}")
 
     async def Attach(self, request, context):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -304,19 +327,25 @@ class ExpertServicer:
             self.ring.stop()
 
 
+async def _authorize(servicer: ExpertServicer, context) -> None:
+    """The data-plane key in the call's metadata and, with mTLS, the client certificate's role;
+    else the call ends UNAUTHENTICATED."""
+    try:
+        auth.check_metadata(context.invocation_metadata(), servicer.key)
+        if servicer.client_role:
+            auth.check_peer_role(context.auth_context(), servicer.client_role)
+    except auth.AuthError as e:
+        servicer.refused += 1
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+
+
 def _unary(servicer: ExpertServicer, method, request_cls, reply_cls, scan_limits: dict | None = None
            ) -> grpc.RpcMethodHandler:
     """Checks the caller, then the message's size and shape on the wire, then parses it. The
     generated registration would let gRPC parse first, and a corrupt protobuf would then end as
     UNKNOWN; here it is INVALID_ARGUMENT like every other bad input."""
     async def handler(data: bytes, context):
-        try:
-            auth.check_metadata(context.invocation_metadata(), servicer.key)
-            if servicer.client_role:
-                auth.check_peer_role(context.auth_context(), servicer.client_role)
-        except auth.AuthError as e:
-            servicer.refused += 1
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        await _authorize(servicer, context)
         try:
             if scan_limits:
                 scan(data, name=request_cls.DESCRIPTOR.full_name, **scan_limits)
@@ -331,6 +360,15 @@ def _unary(servicer: ExpertServicer, method, request_cls, reply_cls, scan_limits
                                 f"request is not a valid {request_cls.DESCRIPTOR.full_name} protobuf")
         return await method(request, context)
     return grpc.unary_unary_rpc_method_handler(handler, response_serializer=reply_cls.SerializeToString)
+
+
+def _raw(servicer: ExpertServicer, method) -> grpc.RpcMethodHandler:
+    """Checks the caller, then hands `method` the request's bytes as they arrived; its reply is
+    bytes too (no serializer either way)."""
+    async def handler(data: bytes, context):
+        await _authorize(servicer, context)
+        return await method(data, context)
+    return grpc.unary_unary_rpc_method_handler(handler)
 
 
 def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -374,6 +412,7 @@ async def start_server(shard: ExpertShard | ExpertServicer, *, host: str = "127.
     server.add_registered_method_handlers(SERVICE_NAME, {
         "Forward": _unary(servicer, servicer.Forward, expert_pb2.ForwardRequest, expert_pb2.ForwardReply,
                           forward_scan),
+        "ForwardFrame": _raw(servicer, servicer.ForwardFrame),
         "Info": _unary(servicer, servicer.Info, expert_pb2.InfoRequest, expert_pb2.InfoReply, small),
         "Attach": _unary(servicer, servicer.Attach, expert_pb2.AttachRequest, expert_pb2.AttachReply, small),
         "Detach": _unary(servicer, servicer.Detach, expert_pb2.DetachRequest, expert_pb2.DetachReply, small)})

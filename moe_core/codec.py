@@ -58,6 +58,17 @@ def decode(msg: common_pb2.Tensor, *, allowed_dtypes=FLOAT_DTYPES, max_elements:
     hands out a fresh copy on every `.data` access), so in-place writes are harmless there;
     `.clone()` first if you write into it and may run on the pure-Python protobuf backend.
     """
+    shape, dtype = check_header(msg, allowed_dtypes=allowed_dtypes, max_elements=max_elements,
+                                max_rank=max_rank, expect_rank=expect_rank, expect_last_dim=expect_last_dim,
+                                name=name)
+    return view_payload(msg.data, shape, dtype, name=name)
+
+
+def check_header(msg: common_pb2.Tensor, *, allowed_dtypes=FLOAT_DTYPES, max_elements: int = MAX_ELEMENTS,
+                 max_rank: int = MAX_RANK, expect_rank: int | None = None,
+                 expect_last_dim: int | None = None, name: str = "tensor") -> tuple[list[int], torch.dtype]:
+    """A tensor's dtype and shape checked against the limits, without touching its data: the
+    (shape, dtype) it declares, or WireError."""
     if msg.dtype not in DTYPES or msg.dtype not in allowed_dtypes:
         raise WireError(f"{name}: dtype {msg.dtype!r} is not accepted here; "
                         f"allowed: {', '.join(sorted(allowed_dtypes))}")
@@ -73,11 +84,16 @@ def decode(msg: common_pb2.Tensor, *, allowed_dtypes=FLOAT_DTYPES, max_elements:
         raise WireError(f"{name}: shape {shape} declares {numel} elements, limit is {max_elements}")
     if expect_last_dim is not None and (not shape or shape[-1] != expect_last_dim):
         raise WireError(f"{name}: last dimension must be {expect_last_dim}, got shape {shape}")
-    dtype = DTYPES[msg.dtype]
+    return shape, DTYPES[msg.dtype]
+
+
+def view_payload(data, shape: list[int], dtype: torch.dtype, name: str = "tensor") -> torch.Tensor:
+    """A tensor of `shape` viewing `data` (bytes or a memoryview of them) without a copy, once its
+    length is exactly what shape x dtype needs; WireError otherwise."""
+    numel = math.prod(shape)
     itemsize = dtype.itemsize
-    data = msg.data
     if len(data) != numel * itemsize:
-        raise WireError(f"{name}: {len(data)} data bytes do not match shape {shape} x {msg.dtype} "
+        raise WireError(f"{name}: {len(data)} data bytes do not match shape {shape} x {TAGS[dtype]} "
                         f"({numel * itemsize} bytes expected)")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)  # frombuffer refuses empty buffers
@@ -155,7 +171,14 @@ TENSOR_SCAN = {"max_fields": 3 + MAX_RANK, "max_len": {1: 16, 2: 10 * MAX_RANK}}
 
 
 def check_finite(t: torch.Tensor, name: str = "tensor") -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    """WireError when a float tensor holds a NaN or an infinity.
+
+    A sum over a NaN or an infinity is never finite, so a finite sum (one reduction, nothing
+    allocated) clears the tensor; only a non-finite sum, which huge finite values can also give,
+    needs the element-wise check (a bool per element and a pass over them)."""
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return
+    if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise WireError(f"{name}: {bad} of {t.numel()} values are NaN or infinite")
 

@@ -34,12 +34,13 @@ def test_codec_writes_rows_for_every_size_path_and_option(codec_run):
     data = json.loads((results / "codec.json").read_text())
     assert data["benchmark"] == "codec" and data["machine"]["cpus"] >= 1
     keys = {(r["MB"], r["options"], r["path"]) for r in data["rows"]}
-    assert keys == {(mb, o, p) for mb in (0.125, 1.0) for o in ("tuned", "default") for p in ("codec", "wire")}
+    assert keys == {(mb, o, p) for mb in (0.125, 1.0) for o in ("tuned", "default")
+                    for p in ("codec", "frame", "wire")}
     for r in data["rows"]:
         assert r["rtt_ms"] > 0 and r["GBps_each_way"] > 0 and r["iters"] == 2
         # GB/s each way is the payload over half the round trip
         assert r["GBps_each_way"] == pytest.approx(r["MB"] * 2**20 / (r["rtt_ms"] / 2e3) / 1e9)
-        if r["path"] == "codec":
+        if r["path"] in ("codec", "frame"):
             assert r["rtt_ms"] == pytest.approx(r["encode_ms"] + r["rpc_ms"] + r["decode_ms"], rel=0.5)
             assert r["server_ms"] > 0  # the server really decoded and re-encoded
     steps = data["tables"][0]["rows"]

@@ -103,6 +103,9 @@ def test_wire_error_is_a_value_error():
 def test_check_finite():
     check_finite(torch.randn(4, 4))
     check_finite(torch.tensor([2**31 - 1], dtype=torch.int32))
+    check_finite(torch.zeros(0, 4))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # finite values whose sum overflows
+        check_finite(torch.full((8,), torch.finfo(dtype).max, dtype=dtype))
     for bad in (float("nan"), float("inf"), -float("inf")):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             t = torch.zeros(3, 4, dtype=dtype)

@@ -1,5 +1,7 @@
-"""The bytes channel: one grpc.aio channel to one expert replica; encode, call Forward, decode.
-The way between nodes, and the fallback of same-node sessions."""
+"""The bytes channel: one grpc.aio channel to one expert replica; each call's rows go in a
+ForwardFrame (moe_core/tensor_frame.py: a small protobuf header, then the raw rows, so the rows
+are copied once on the way out and not at all on the way in). The way between nodes, and the
+fallback of same-node sessions."""
 from __future__ import annotations
 
 import grpc
@@ -7,7 +9,8 @@ import torch
 
 from moe.v1 import expert_pb2, expert_pb2_grpc
 from moe_core import auth
-from moe_core.codec import DTYPES, FLOAT_DTYPES, WireError, decode, encode
+from moe_core import tensor_frame
+from moe_core.codec import DTYPES
 from moe_core.grpc_options import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
 from moe_core.staging import Staging
 from router_service.channels import deliver
@@ -45,19 +48,16 @@ class BytesChannel:
         self.channel = (grpc.aio.secure_channel(address, credentials, options=options) if credentials
                         else grpc.aio.insecure_channel(address, options=options))
         self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
+        self._forward = self.channel.unary_unary(tensor_frame.METHOD)  # raw bytes both ways
         self.max_elements = dict(options).get("grpc.max_receive_message_length", MAX_MESSAGE_BYTES) // 2
 
     async def forward(self, x_TH: torch.Tensor, segments, *, timeout: float,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-        request = expert_pb2.ForwardRequest(
-            hidden=encode(self.staging.to_host(x_TH), self.wire_dtype),
-            segments=[expert_pb2.Segment(layer=L, expert=E, rows=n) for L, E, n in segments])
-        reply = await self.stub.Forward(request, timeout=timeout, metadata=self.metadata)
-        y_TH = decode(reply.output, allowed_dtypes=FLOAT_DTYPES, max_elements=self.max_elements,
-                      expect_rank=2, expect_last_dim=x_TH.shape[-1], name="output")
-        if y_TH.shape[0] != x_TH.shape[0]:
-            raise WireError(f"{self.address} returned {y_TH.shape[0]} rows for {x_TH.shape[0]}")
-        return deliver(y_TH, x_TH, out, self.staging, copy=False)  # decoded into a tensor of its own
+        data = tensor_frame.encode_request(self.staging.to_host(x_TH), segments, self.wire_dtype)
+        reply = await self._forward(data, timeout=timeout, metadata=self.metadata)
+        y_TH = tensor_frame.decode_reply(reply, rows=x_TH.shape[0], hidden=x_TH.shape[-1], max_elements=self.max_elements,
+                                         dtype=DTYPES[self.wire_dtype] if self.wire_dtype else x_TH.dtype)
+        return deliver(y_TH, x_TH, out, self.staging, copy=True)  # y_TH views the reply's bytes
 
     async def info(self, *, timeout: float) -> expert_pb2.InfoReply:
         return await self.stub.Info(expert_pb2.InfoRequest(), timeout=timeout, metadata=self.metadata)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moe.v1 import common_pb2 as moe_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13moe/v1/expert.proto\x12\x06moe.v1\x1a\x13moe/v1/common.proto\"6\n\x07Segment\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\r\"r\n\x0e\x46orwardRequest\x12\x1e\n\x06hidden\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12!\n\x08segments\x18\x02 \x03(\x0b\x32\x0f.moe.v1.Segment\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x0c\n\x04rows\x18\x04 \x01(\r\".\n\x0c\x46orwardReply\x12\x1e\n\x06output\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\"\x9d\x01\n\rAttachRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x15\n\rcapacity_rows\x18\x03 \x01(\x04\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\r\n\x05names\x18\x05 \x03(\t\x12\x0f\n\x07handles\x18\x06 \x03(\x0c\x12\x0e\n\x06\x65vents\x18\x07 \x03(\x0c\x12\x13\n\x0b\x64\x65vice_uuid\x18\x08 \x01(\t\"0\n\x0b\x41ttachReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x10\n\x08\x64oorbell\x18\x02 \x01(\t\" \n\rDetachRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\r\n\x0b\x44\x65tachReply\"\r\n\x0bInfoRequest\"\xa4\x01\n\tInfoReply\x12!\n\x06served\x18\x01 \x03(\x0b\x32\x11.moe.v1.ExpertKey\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x05 \x01(\x04\x12\x0c\n\x04rows\x18\x06 \x01(\x04\x12\x11\n\tin_flight\x18\x07 \x01(\r\x12\x10\n\x08\x64oorbell\x18\x08 \x01(\t2\xe4\x01\n\rExpertService\x12\x37\n\x07\x46orward\x12\x16.moe.v1.ForwardRequest\x1a\x14.moe.v1.ForwardReply\x12.\n\x04Info\x12\x13.moe.v1.InfoRequest\x1a\x11.moe.v1.InfoReply\x12\x34\n\x06\x41ttach\x12\x15.moe.v1.AttachRequest\x1a\x13.moe.v1.AttachReply\x12\x34\n\x06\x44\x65tach\x12\x15.moe.v1.DetachRequest\x1a\x13.moe.v1.DetachReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13moe/v1/expert.proto\x12\x06moe.v1\x1a\x13moe/v1/common.proto\"6\n\x07Segment\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\r\"\x7f\n\x0e\x46orwardRequest\x12\x1e\n\x06hidden\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12!\n\x08segments\x18\x02 \x03(\x0b\x32\x0f.moe.v1.Segment\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x0c\n\x04rows\x18\x04 \x01(\r\x12\x0b\n\x03pad\x18\x0f \x01(\x0c\";\n\x0c\x46orwardReply\x12\x1e\n\x06output\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x0b\n\x03pad\x18\x0f \x01(\x0c\"\x15\n\x05\x46rame\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x9d\x01\n\rAttachRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x15\n\rcapacity_rows\x18\x03 \x01(\x04\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\r\n\x05names\x18\x05 \x03(\t\x12\x0f\n\x07handles\x18\x06 \x03(\x0c\x12\x0e\n\x06\x65vents\x18\x07 \x03(\x0c\x12\x13\n\x0b\x64\x65vice_uuid\x18\x08 \x01(\t\"0\n\x0b\x41ttachReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x10\n\x08\x64oorbell\x18\x02 \x01(\t\" \n\rDetachRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\r\n\x0b\x44\x65tachReply\"\r\n\x0bInfoRequest\"\xa4\x01\n\tInfoReply\x12!\n\x06served\x18\x01 \x03(\x0b\x32\x11.moe.v1.ExpertKey\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x05 \x01(\x04\x12\x0c\n\x04rows\x18\x06 \x01(\x04\x12\x11\n\tin_flight\x18\x07 \x01(\r\x12\x10\n\x08\x64oorbell\x18\x08 \x01(\t2\x92\x02\n\rExpertService\x12\x37\n\x07\x46orward\x12\x16.moe.v1.ForwardRequest\x1a\x14.moe.v1.ForwardReply\x12,\n\x0c\x46orwardFrame\x12\r.moe.v1.Frame\x1a\r.moe.v1.Frame\x12.\n\x04Info\x12\x13.moe.v1.InfoRequest\x1a\x11.moe.v1.InfoReply\x12\x34\n\x06\x41ttach\x12\x15.moe.v1.AttachRequest\x1a\x13.moe.v1.AttachReply\x12\x34\n\x06\x44\x65tach\x12\x15.moe.v1.DetachRequest\x1a\x13.moe.v1.DetachReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEGMENT']._serialized_start=52
   _globals['_SEGMENT']._serialized_end=106
   _globals['_FORWARDREQUEST']._serialized_start=108
-  _globals['_FORWARDREQUEST']._serialized_end=222
-  _globals['_FORWARDREPLY']._serialized_start=224
-  _globals['_FORWARDREPLY']._serialized_end=270
-  _globals['_ATTACHREQUEST']._serialized_start=273
-  _globals['_ATTACHREQUEST']._serialized_end=430
-  _globals['_ATTACHREPLY']._serialized_start=432
-  _globals['_ATTACHREPLY']._serialized_end=480
-  _globals['_DETACHREQUEST']._serialized_start=482
-  _globals['_DETACHREQUEST']._serialized_end=514
-  _globals['_DETACHREPLY']._serialized_start=516
-  _globals['_DETACHREPLY']._serialized_end=529
-  _globals['_INFOREQUEST']._serialized_start=531
-  _globals['_INFOREQUEST']._serialized_end=544
-  _globals['_INFOREPLY']._serialized_start=547
-  _globals['_INFOREPLY']._serialized_end=711
-  _globals['_EXPERTSERVICE']._serialized_start=714
-  _globals['_EXPERTSERVICE']._serialized_end=942
+  _globals['_FORWARDREQUEST']._serialized_end=235
+  _globals['_FORWARDREPLY']._serialized_start=237
+  _globals['_FORWARDREPLY']._serialized_end=296
+  _globals['_FRAME']._serialized_start=298
+  _globals['_FRAME']._serialized_end=319
+  _globals['_ATTACHREQUEST']._serialized_start=322
+  _globals['_ATTACHREQUEST']._serialized_end=479
+  _globals['_ATTACHREPLY']._serialized_start=481
+  _globals['_ATTACHREPLY']._serialized_end=529
+  _globals['_DETACHREQUEST']._serialized_start=531
+  _globals['_DETACHREQUEST']._serialized_end=563
+  _globals['_DETACHREPLY']._serialized_start=565
+  _globals['_DETACHREPLY']._serialized_end=578
+  _globals['_INFOREQUEST']._serialized_start=580
+  _globals['_INFOREQUEST']._serialized_end=593
+  _globals['_INFOREPLY']._serialized_start=596
+  _globals['_INFOREPLY']._serialized_end=760
+  _globals['_EXPERTSERVICE']._serialized_start=763
+  _globals['_EXPERTSERVICE']._serialized_end=1037
 # @@protoc_insertion_point(module_scope)

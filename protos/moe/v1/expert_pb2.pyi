@@ -18,22 +18,32 @@ class Segment(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("hidden", "segments", "session", "rows")
+    __slots__ = ("hidden", "segments", "session", "rows", "pad")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    PAD_FIELD_NUMBER: _ClassVar[int]
     hidden: _common_pb2.Tensor
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
     session: str
     rows: int
-    def __init__(self, hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., session: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
+    pad: bytes
+    def __init__(self, hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., session: _Optional[str] = ..., rows: _Optional[int] = ..., pad: _Optional[bytes] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("output",)
+    __slots__ = ("output", "pad")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    PAD_FIELD_NUMBER: _ClassVar[int]
     output: _common_pb2.Tensor
-    def __init__(self, output: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    pad: bytes
+    def __init__(self, output: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pad: _Optional[bytes] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ("kind", "dtype", "capacity_rows", "hidden_size", "names", "handles", "events", "device_uuid")

@@ -39,6 +39,11 @@ class ExpertServiceStub:
                 request_serializer=moe_dot_v1_dot_expert__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=moe_dot_v1_dot_expert__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.ForwardFrame = channel.unary_unary(
+                '/moe.v1.ExpertService/ForwardFrame',
+                request_serializer=moe_dot_v1_dot_expert__pb2.Frame.SerializeToString,
+                response_deserializer=moe_dot_v1_dot_expert__pb2.Frame.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/moe.v1.ExpertService/Info',
                 request_serializer=moe_dot_v1_dot_expert__pb2.InfoRequest.SerializeToString,
@@ -61,6 +66,13 @@ class ExpertServiceServicer:
 
     def Forward(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardFrame(self, request, context):
+        """Forward with the tensor outside protobuf: raw bytes frames, see Frame.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -90,6 +102,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=moe_dot_v1_dot_expert__pb2.ForwardRequest.FromString,
                     response_serializer=moe_dot_v1_dot_expert__pb2.ForwardReply.SerializeToString,
+            ),
+            'ForwardFrame': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardFrame,
+                    request_deserializer=moe_dot_v1_dot_expert__pb2.Frame.FromString,
+                    response_serializer=moe_dot_v1_dot_expert__pb2.Frame.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -134,6 +151,33 @@ class ExpertService:
             '/moe.v1.ExpertService/Forward',
             moe_dot_v1_dot_expert__pb2.ForwardRequest.SerializeToString,
             moe_dot_v1_dot_expert__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardFrame(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe.v1.ExpertService/ForwardFrame',
+            moe_dot_v1_dot_expert__pb2.Frame.SerializeToString,
+            moe_dot_v1_dot_expert__pb2.Frame.FromString,
             options,
             channel_credentials,
             insecure,
