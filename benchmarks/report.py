@@ -118,9 +118,9 @@ def targets(res: dict[str, dict]) -> list[dict]:
 
     codec = res.get("codec")
     rows = [r for r in (codec or {}).get("rows", [])
-            if r.get("path") == "codec" and r.get("options") == "tuned" and r.get("MB", 0) >= 16]
+            if r.get("path") == "frame" and r.get("options") == "tuned" and r.get("MB", 0) >= 16]
     worst = min(rows, key=lambda r: r["GBps_each_way"]) if rows else None
-    out.append(_check("codec encode -> gRPC -> decode, each way, loopback (tuned, tensors >= 16 MB)",
+    out.append(_check("the bytes channel (ForwardFrame) each way, loopback (tuned, tensors >= 16 MB)",
                       f"{worst['GBps_each_way']:.3g} GB/s (at {worst['MB']:g} MB)" if worst else "-", ">= 1 GB/s",
                       None if worst is None else worst["GBps_each_way"] >= 1.0))
     return out
