@@ -22,8 +22,8 @@ from benchmarks.common import save
 from expert_service.autoscaling import METRICS
 from expert_service.directory import NAMESPACE, kill_directory
 from moe_core.config import MoEConfig
-from router_service.launcher import deploy, load_config
-from router_service.loadgen import hot_tokens, run_load
+from moe_serve.launcher import deploy, load_config
+from moe_serve.loadgen import hot_tokens, run_load
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""Writes the simulator's cost table (router_service/costs.json, shipped with the package) from the
+"""Writes the simulator's cost table (moe_serve/costs.json, shipped with the package) from the
 GPU runs of benchmarks/moe_layer.py in benchmarks/results."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from router_service.simulate import COSTS_FILE, cost_table
+from moe_serve.simulate import COSTS_FILE, cost_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -149,7 +149,7 @@ async def _served(address: str, prompts, batches, new_tokens, timeout) -> tuple[
     import grpc
 
     from moe.v1 import gateway_pb2_grpc
-    from router_service.client import OPTIONS
+    from moe_serve.client import OPTIONS
 
     rows, outputs = [], {}
     async with grpc.aio.insecure_channel(address, options=OPTIONS) as ch:
@@ -186,7 +186,7 @@ def one_replica_each(cfg: dict, router_cpus: int = 0) -> dict:
 def served_runs(model_dir: Path, prompts, batches, new_tokens, *, transport: str, micro_batches: int,
                 router_cpus: int, timeout: float, shared_memory: str = "auto", gpus: int = 0, router_gpus: float = 0,
                 expert_gpus: float = 0, dtype: str = "float32") -> tuple[list[dict], dict]:
-    from router_service.launcher import place_on_gpus
+    from moe_serve.launcher import place_on_gpus
     from tests.cluster_fixtures import running_app
 
     app_args = {"transport": transport, "shared_memory": shared_memory}

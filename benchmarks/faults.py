@@ -24,9 +24,9 @@ from ray import serve
 
 from benchmarks.common import save
 from moe.v1 import gateway_pb2_grpc
-from router_service import client
+from moe_serve import client
 from router_service.engine import local_engine
-from router_service.launcher import deploy
+from moe_serve.launcher import deploy
 from router_service.sampling import SamplingParams
 from tests.cluster_fixtures import running_app
 from tests.reliability_helpers import (directory_table, experts, replica_actors, replicas_killed_under_load,

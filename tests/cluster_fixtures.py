@@ -8,7 +8,7 @@ import ray
 from ray import serve
 
 from expert_service.directory import NAMESPACE, kill_directory
-from router_service.launcher import deploy, load_config
+from moe_serve.launcher import deploy, load_config
 
 
 def free_port() -> int:

@@ -99,7 +99,7 @@ def replicas_killed_under_load(stub, work, deployments: list[str], *, seed: int,
     """`clients` callers send greedy Completes of `work` [(prompt, max_new_tokens)] one after another
     while a random replica of `deployments` is killed every `every_s`, until `min_requests` are done
     and `min_kills` replicas were killed. Returns ({job index: (code, seconds, reply)}, kills, seconds)."""
-    from router_service import client
+    from moe_serve import client
     from router_service.sampling import SamplingParams
 
     stop, kills, lock = threading.Event(), [], threading.Lock()

@@ -19,13 +19,13 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from expert_service.autoscaling import ExpertLoadPolicy, LoadMeter, desired_replicas
 from expert_service.experts import ExpertShard
-from expert_service.planner import assign_replicas, imbalance, plan, shards_from_names
+from moe_serve.planner import assign_replicas, imbalance, plan, shards_from_names
 from expert_service.server import ExpertServicer, start_server
 from moe_core.checkpoint import Checkpoint
 from router_service import model
 from router_service.dispatch import remote_dispatcher
 from router_service.engine import Engine, local_engine
-from router_service.launcher import DEFAULT_CONFIG, load_config
+from moe_serve.launcher import DEFAULT_CONFIG, load_config
 from router_service.metrics import RouterMetrics, layer_imbalance
 from router_service.sampling import SamplingParams
 from tests.conftest import run
@@ -263,7 +263,7 @@ def scaling_app(tiny_model):
 
 
 def replicas(address) -> dict[str, int]:
-    from router_service.client import stats
+    from moe_serve.client import stats
     return {d.name: d.replicas for d in stats(address).deployments}
 
 
@@ -271,7 +271,7 @@ class Load:
     """run_load in a thread until stopped (or its duration ends); keeps the report."""
 
     def __init__(self, address, **kw):
-        from router_service.loadgen import run_load
+        from moe_serve.loadgen import run_load
         self.report, self.loop, self.stop = None, asyncio.new_event_loop(), None
 
         async def main():
@@ -312,8 +312,8 @@ def scrape(port: int, name: str) -> dict[tuple, float]:
 
 @pytest.mark.cluster
 def test_hot_expert_scales_up_and_back_down_without_failures(scaling_app, tiny_model, tmp_path):
-    from router_service.client import stats
-    from router_service.loadgen import hot_tokens
+    from moe_serve.client import stats
+    from moe_serve.loadgen import hot_tokens
     address, metrics_port = scaling_app
     # one replica each, once every one has registered (a replica may still be starting right after deploy)
     wait_for(lambda: (set((r := replicas(address)).values()) == {1}, r), 120, "one registered replica per expert")
@@ -376,7 +376,7 @@ def test_hot_expert_scales_up_and_back_down_without_failures(scaling_app, tiny_m
 
 @pytest.mark.cluster
 def test_stats_plot_plan_and_load_commands(scaling_app, tiny_model, tmp_path, capsys):
-    from router_service.cli import main
+    from moe_serve.cli import main
     address, _ = scaling_app
     assert main(["load", "--address", address, "--rps", "4", "--duration", "3", "--skew", "0.5",
                  "--hot-expert", str(HOT), "--model", str(tiny_model), "--max-new-tokens", "2"]) == 0

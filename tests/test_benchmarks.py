@@ -86,12 +86,12 @@ def test_targets_and_optimizations_are_computed_from_the_json(codec_run, tmp_pat
     codec = json.loads((results / "codec.json").read_text())
     big = copy.deepcopy(codec)
     big["rows"] = [dict(r, MB=16.0, GBps_each_way=g) for r, g in zip(
-        [r for r in codec["rows"] if r["path"] == "codec" and r["options"] == "tuned"], (0.7, 2.0))]
+        [r for r in codec["rows"] if r["path"] == "frame" and r["options"] == "tuned"], (0.7, 2.0))]
     d = _results(tmp_path, big)
     got = {t["target"]: t["result"] for t in report.targets(report.load(d))}
     assert [r for t, r in got.items() if t.startswith("e2e")] == ["pass"]
     assert [r for t, r in got.items() if t.startswith("moe_layer") and "CPU" in t] == ["pass", "FAIL"]  # T=512, T=8
-    assert [r for t, r in got.items() if t.startswith("codec")] == ["FAIL"]
+    assert [r for t, r in got.items() if t.startswith("the bytes channel")] == ["FAIL"]  # 0.7 GB/s at 16 MB
     assert {r for t, r in got.items() if "GPU" in t} == {"not measured"}  # no GPU run among these results
 
     out = tmp_path / "B.md"

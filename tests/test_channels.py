@@ -155,7 +155,7 @@ def test_the_serve_handle_channel_equals_in_process_and_counts_replica_load(tiny
     equals the in-process engine's and the replicas count the calls (the autoscaler's load)."""
     from ray import serve
 
-    from router_service import client
+    from moe_serve import client
     from router_service.engine import local_engine
     from router_service.sampling import SamplingParams
     from tests.cluster_fixtures import running_app

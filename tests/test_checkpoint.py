@@ -88,7 +88,7 @@ def test_missing_shard_named(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "router_service.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "moe_serve.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cli_init_generate_score(tmp_path):

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from router_service.cli import address, build_parser, main
-from router_service.launcher import serve_reason
+from moe_serve.cli import address, build_parser, main
+from moe_serve.launcher import serve_reason
 from tests.cluster_fixtures import free_port
 
 

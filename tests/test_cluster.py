@@ -12,7 +12,7 @@ import torch
 from ray import serve
 
 from moe.v1 import gateway_pb2, gateway_pb2_grpc
-from router_service import client
+from moe_serve import client
 from router_service.engine import local_engine
 from router_service.sampling import SamplingParams
 from tests.cluster_fixtures import running_app

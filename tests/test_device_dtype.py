@@ -9,7 +9,7 @@ import torch
 from expert_service.experts import ExpertShard
 from moe_core.checkpoint import Checkpoint, all_pairs
 from router_service import model
-from router_service.cli import main
+from moe_serve.cli import main
 from router_service.dispatch import InProcessDispatcher
 from router_service.engine import local_engine
 from router_service.sampling import SamplingParams

@@ -25,11 +25,11 @@ from expert_service.processes import ExpertServers
 from expert_service.server import start_server
 from moe.v1 import gateway_pb2_grpc
 from moe_core.checkpoint import Checkpoint, all_pairs
-from router_service import client
+from moe_serve import client
 from router_service.channels.session import Doorbell
 from router_service.dispatch import remote_dispatcher
 from router_service.engine import Overloaded, local_engine
-from router_service.launcher import deploy
+from moe_serve.launcher import deploy
 from router_service.sampling import SamplingParams
 from tests.cluster_fixtures import running_app
 from tests.conftest import run

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from moe.v1 import gateway_pb2, gateway_pb2_grpc
 from moe_core.config import MoEConfig
-from router_service import client, validation
+from moe_serve import client
+from router_service import validation
 from router_service.engine import local_engine
 from router_service.sampling import SamplingParams
 from tests.cluster_fixtures import running_app

@@ -12,9 +12,10 @@ import ray
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from moe.v1 import gateway_pb2, gateway_pb2_grpc
-from router_service import client, validation
+from moe_serve import client
+from router_service import validation
 from router_service.gateway import STREAM_IDLE_ENV
-from router_service.launcher import load_config
+from moe_serve.launcher import load_config
 from router_service.sampling import SamplingParams
 from tests.cluster_fixtures import running_app
 from tests.reliability_helpers import call, experts, small_model, wait_until

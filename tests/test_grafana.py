@@ -74,7 +74,7 @@ def test_the_check_names_what_is_not_there():
 def test_every_queried_metric_is_exported(tmp_path):
     import ray
 
-    from router_service import client
+    from moe_serve import client
     from router_service.sampling import SamplingParams
     from tests.cluster_fixtures import free_port, running_app
     from tests.reliability_helpers import experts, small_model, wait_until

@@ -157,7 +157,7 @@ if __name__ == "__main__":
 
 
 def test_gpu_placement_of_the_serve_config(tiny_model):
-    from router_service.launcher import load_config, place_on_gpus
+    from moe_serve.launcher import load_config, place_on_gpus
     cfg = place_on_gpus(load_config(SERVE, model=str(tiny_model)), router_gpus=1, expert_gpus=0.125,
                         dtype="bfloat16")
     ServeDeploySchema.model_validate(cfg)

@@ -19,12 +19,12 @@ from ray import serve
 from ray.cluster_utils import Cluster
 
 from expert_service.directory import DEFAULT_NAME, NAMESPACE, ExpertDirectory
-from router_service import cli, client
+from moe_serve import cli, client
 from router_service.engine import local_engine
-from router_service.launcher import deploy, load_config
-from router_service.record import read_trace
+from moe_serve.launcher import deploy, load_config
+from moe_serve.record import read_trace
 from router_service.sampling import SamplingParams
-from router_service.simulate import simulate
+from moe_serve.simulate import simulate
 from tests.cluster_fixtures import free_port, stop_app
 from tests.conftest import run
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from router_service import client
-from router_service.launcher import deploy, load_config
+from moe_serve import client
+from moe_serve.launcher import deploy, load_config
 from router_service.sampling import SamplingParams
 from tests.cluster_fixtures import free_port, running_app
 from tests.conftest import hf_checkpoint
@@ -83,7 +83,7 @@ def test_a_non_editable_install_outside_the_repository_runs_every_step(tmp_path)
         assert len(out["token_ids"]) == 4
         sim = _cli(venv, "simulate", "--shape", "mixtral-8x7b", "--gpus", "16", "--zipf", "1.0", "--json",
                    env=env, cwd=work)
-        here = subprocess.run([sys.executable, "-m", "router_service.cli", "simulate", "--shape", "mixtral-8x7b",
+        here = subprocess.run([sys.executable, "-m", "moe_serve.cli", "simulate", "--shape", "mixtral-8x7b",
                                "--gpus", "16", "--zipf", "1.0", "--json"], capture_output=True, text=True,
                               cwd=REPO, check=True)
         installed, in_repo = json.loads(sim.stdout), json.loads(here.stdout)

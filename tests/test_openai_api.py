@@ -177,8 +177,8 @@ def test_errors_in_openais_shape_without_tracebacks(error, status, code):
 
 
 def test_http_port_from_up_and_the_cli(tiny_model):
-    from router_service.cli import build_parser
-    from router_service.launcher import load_config
+    from moe_serve.cli import build_parser
+    from moe_serve.launcher import load_config
     assert load_config(model=str(tiny_model))["http_options"] == {"host": "127.0.0.1", "port": 8000}
     assert load_config(model=str(tiny_model), http_port=8123)["http_options"]["port"] == 8123
     assert build_parser().parse_args(["up"]).http_port == 8000

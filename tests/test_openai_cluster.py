@@ -17,7 +17,7 @@ from ray import serve
 
 from moe.v1 import gateway_pb2, gateway_pb2_grpc
 from moe_core.tokenizer import load_tokenizer
-from router_service import client
+from moe_serve import client
 from router_service.sampling import SamplingParams
 from tests.cluster_fixtures import free_port, running_app
 from tests.reliability_helpers import experts, small_model, wait_until

@@ -9,10 +9,10 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from router_service.cli import main
+from moe_serve.cli import main
 from router_service.engine import local_engine
-from router_service.loadgen import expert_affinity, hot_tokens, run_load
-from router_service.plots import heatmap, replica_grid
+from moe_serve.loadgen import expert_affinity, hot_tokens, run_load
+from moe_serve.plots import heatmap, replica_grid
 from tests.cluster_fixtures import free_port
 from tests.conftest import run
 

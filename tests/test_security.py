@@ -20,7 +20,8 @@ from expert_service.experts import ExpertShard
 from expert_service.server import start_server
 from moe.v1 import gateway_pb2, gateway_pb2_grpc
 from moe_core.checkpoint import Checkpoint, all_pairs
-from router_service import client, security
+from moe_serve import client
+from router_service import security
 from router_service.channels.grpc_bytes import BytesChannel
 from router_service.dispatch import remote_dispatcher
 from router_service.engine import local_engine

@@ -9,7 +9,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from moe_core.checkpoint import random_weights, write_checkpoint
 from moe_core.config import preset
-from router_service.launcher import DEFAULT_CONFIG, load_config
+from moe_serve.launcher import DEFAULT_CONFIG, load_config
 
 
 def checkpoint(tmp_path, n_experts, n_layers=2):

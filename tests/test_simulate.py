@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from moe_core.config import preset
-from router_service.cli import main
-from router_service.record import Trace, TraceError, TraceWriter, read_trace, write_trace
-from router_service.simulate import Costs, load_costs, simulate, zipf_trace
+from moe_serve.cli import main
+from moe_serve.record import Trace, TraceError, TraceWriter, read_trace, write_trace
+from moe_serve.simulate import Costs, load_costs, simulate, zipf_trace
 
 
 @pytest.fixture(autouse=True)
 def no_benchmark_results(tmp_path_factory, monkeypatch):
     """Predictions here use the costs each test names, not the cost table the package ships."""
-    import router_service.simulate as sim
+    import moe_serve.simulate as sim
     monkeypatch.setattr(sim, "COSTS_FILE", tmp_path_factory.mktemp("no-table") / "costs.json")
 
 
@@ -183,7 +183,7 @@ def test_replica_split_mirrors_the_replica_pool():
     import inspect
 
     from router_service.replica_pool import ReplicaPool
-    from router_service.simulate import SPLIT_MIN_ROWS, Simulator
+    from moe_serve.simulate import SPLIT_MIN_ROWS, Simulator
 
     assert inspect.signature(ReplicaPool).parameters["split_min_rows"].default == SPLIT_MIN_ROWS
     cfg = preset("mixtral-8x7b")
@@ -234,8 +234,8 @@ def test_bad_costs_files(tmp_path):
 
 
 def test_the_cost_table_comes_from_the_gpu_benchmark_results_not_cpu_runs(tmp_path, monkeypatch):
-    import router_service.simulate as sim
-    from router_service.simulate import cost_table
+    import moe_serve.simulate as sim
+    from moe_serve.simulate import cost_table
 
     def result(name, preset_name, device, ms):
         rows = [{"T": 512, "transport": "inprocess", "ms": ms, "MB_each_way": 1.0},
@@ -263,9 +263,9 @@ def test_the_cost_table_comes_from_the_gpu_benchmark_results_not_cpu_runs(tmp_pa
 
 
 def test_the_shipped_cost_table_is_the_one_the_results_give():
-    import router_service
-    from router_service.simulate import cost_table
+    import moe_serve
+    from moe_serve.simulate import cost_table
     results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-    shipped = Path(router_service.__file__).parent / "costs.json"
+    shipped = Path(moe_serve.__file__).parent / "costs.json"
     assert json.loads(shipped.read_text()) == json.loads(json.dumps(cost_table(results))), \
-        "router_service/costs.json is stale: run `python -m benchmarks.cost_table`"
+        "moe_serve/costs.json is stale: run `python -m benchmarks.cost_table`"

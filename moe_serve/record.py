@@ -123,7 +123,7 @@ def read_trace(path: str | Path) -> Trace:
 def record(address: str, out: str | Path, *, interval_s: float = 1.0, duration_s: float = 60.0,
            timeout_s: float = 10.0) -> dict:
     """Polls the gateway's Stats every interval for duration and writes what was routed in between."""
-    from router_service.client import stats
+    from moe_serve.client import stats
 
     def snapshot():
         r = stats(address, timeout=timeout_s)
@@ -148,7 +148,7 @@ def record(address: str, out: str | Path, *, interval_s: float = 1.0, duration_s
 
 
 def add_parser(sub) -> None:
-    from router_service.cli import address
+    from moe_serve.cli import address
     s = sub.add_parser("record", help="record a routing trace from a running gateway (for `moe-serve simulate`)")
     s.add_argument("--address", type=address, default="127.0.0.1:9000", help="gateway HOST[:PORT]")
     s.add_argument("--out", required=True, help="msgpack trace file to write")

@@ -28,7 +28,8 @@ from ray.serve.schema import ServeDeploySchema
 
 from expert_service.directory import NAMESPACE, kill_directory
 from moe_core.config import MoEConfig
-from router_service import client, security, validation
+from moe_serve import client
+from router_service import security, validation
 from router_service.app import expert_deployments
 from router_service.gateway import (GENERATED_SERVICER_FUNCTIONS, MAX_MESSAGE_ENV, SERVICER_FUNCTIONS,
                                     proxy_message_limit)

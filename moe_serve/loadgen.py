@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from moe.v1 import gateway_pb2, gateway_pb2_grpc
-from router_service.client import OPTIONS
+from moe_serve.client import OPTIONS
 
 COLD_VOCAB = 256  # without a model, uniform prompts use ids every tokenizer here has
 

@@ -6,7 +6,7 @@ import json
 
 
 def add_parser(sub) -> None:
-    from router_service.cli import address
+    from moe_serve.cli import address
     s = sub.add_parser("plan", help="replicas per expert deployment for a replica (GPU) budget, "
                                     "from observed routing (EPLB-style)")
     s.add_argument("--budget", type=int, required=True, help="expert replicas (GPUs) in all")
@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_plan(a) -> None:
-    from expert_service.planner import plan
+    from moe_serve.planner import plan
     counts, shards, current = _from_file(a.counts) if a.counts else _from_gateway(a.address, a.timeout)
     result = plan(counts, a.budget, shards, current=current, min_replicas=a.min_replicas,
                   max_replicas=a.max_replicas)
@@ -29,7 +29,7 @@ def cmd_plan(a) -> None:
 
 
 def _from_gateway(address: str, timeout: float):
-    from router_service.client import stats
+    from moe_serve.client import stats
     r = stats(address, timeout=timeout)
     counts = [list(layer.tokens_per_expert) for layer in r.layers]
     shards = {d.name: [(k.layer, k.expert) for k in d.serves] for d in r.deployments}
@@ -37,7 +37,7 @@ def _from_gateway(address: str, timeout: float):
 
 
 def _from_file(path: str):
-    from expert_service.planner import check_counts, shards_from_names
+    from moe_serve.planner import check_counts, shards_from_names
     try:
         with open(path) as f:
             data = json.load(f)

@@ -102,7 +102,7 @@ def cmd_generate(a):
         if a.prompt is not None:
             out["text"] = _tokenizer(a).decode(tokens)
     else:
-        from router_service.client import generate
+        from moe_serve.client import generate
         out = generate(a.address, prompt_ids=_ids(a.prompt_ids) if a.prompt_ids else None,
                        prompt=a.prompt, params=_params(a), stream=a.stream, timeout=a.timeout)
     print(json.dumps(out))
@@ -130,14 +130,14 @@ def cmd_score(a):
         engine = _local_engine(a)
         logits = asyncio.run(engine.score(ids)).numpy()
     else:
-        from router_service.client import score
+        from moe_serve.client import score
         logits = score(a.address, ids, timeout=a.timeout)
     np.save(a.out, logits.astype(np.float32))
     print(json.dumps({"out": a.out, "shape": list(logits.shape)}))
 
 
 def cmd_up(a):
-    from router_service.launcher import DeployError, up
+    from moe_serve.launcher import DeployError, up
     try:
         print(json.dumps(up(model=a.model, port=a.port, http_port=a.http_port, config=a.config, num_cpus=a.num_cpus, num_gpus=a.num_gpus,
                             wait_s=a.wait, router_gpus=a.router_gpus, expert_gpus=a.expert_gpus, dtype=a.dtype,
@@ -148,16 +148,16 @@ def cmd_up(a):
 
 
 def cmd_down(a):
-    from router_service.launcher import down
+    from moe_serve.launcher import down
     print(json.dumps(down(verbose=a.verbose, progress=_progress)))
 
 
 def cmd_stats(a):
     if a.record:  # a routing trace for `moe-serve simulate`, the same as `moe-serve record`
-        from router_service.record import record
+        from moe_serve.record import record
         print(json.dumps(record(a.address, a.record, interval_s=a.interval, duration_s=a.duration, timeout_s=a.timeout)))
         return
-    from router_service.client import stats
+    from moe_serve.client import stats
     r = stats(a.address, timeout=a.timeout)
     out = {
         "top_k": r.top_k, "tokens_processed": r.tokens_processed, "requests_finished": r.requests_finished,
@@ -166,7 +166,7 @@ def cmd_stats(a):
         "replicas": {d.name: d.replicas for d in r.deployments},
     }
     if a.plot:
-        from router_service.plots import heatmap
+        from moe_serve.plots import heatmap
         heatmap(out, a.plot)
         out["plot"] = a.plot
     print(json.dumps(out))
@@ -174,7 +174,7 @@ def cmd_stats(a):
 
 # Modules that add subcommands of their own: each has `add_parser(sub)` setting `fn` as a default,
 # and keeps heavy imports inside its functions so that `moe-serve --help` stays quick.
-COMMAND_MODULES = ["router_service.record", "router_service.simulate", "router_service.plan_cmd", "router_service.load_cmd"]
+COMMAND_MODULES = ["moe_serve.record", "moe_serve.simulate", "moe_serve.plan_cmd", "moe_serve.load_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

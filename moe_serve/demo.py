@@ -36,8 +36,8 @@ def _about(model: str) -> None:
 
 def remote(model: str, port: int):
     from moe.v1 import gateway_pb2_grpc
-    from router_service import client
-    from router_service.launcher import down, up
+    from moe_serve import client
+    from moe_serve.launcher import down, up
 
     _about(model)
     print("starting a local Ray cluster and deploying (about a minute on a small machine)...", flush=True)

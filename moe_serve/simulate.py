@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_core.config import MoEConfig, preset
-from router_service.record import Trace, read_trace
+from moe_serve.record import Trace, read_trace
 
 SHAPES = ("mixtral-8x7b", "mixtral-8x22b")
 MAX_GPUS = 1024
@@ -31,7 +31,7 @@ MAX_STEPS = 256  # longer traces are subsampled evenly
 SPLIT_MIN_ROWS = 32  # ReplicaPool's split_min_rows: fewer rows per replica than this go in one call
 # The cost table that ships with the package: made by `cost_table` from the GPU benchmark results
 # (`python -m benchmarks.cost_table`), so an installed copy needs no repository at run time.
-COSTS_FILE = Path(str(resources.files("router_service") / "costs.json"))
+COSTS_FILE = Path(str(resources.files("moe_serve") / "costs.json"))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import json
 
 
 def add_parser(sub) -> None:
-    from router_service.cli import address
+    from moe_serve.cli import address
     s = sub.add_parser("load", help="send load to a gateway for a while (optionally making one expert hot), "
                                     "report latency, tokens/s and errors")
     s.add_argument("--address", type=address, default="127.0.0.1:9000", help="gateway HOST[:PORT]")
@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 def cmd_load(a) -> None:
     import asyncio
 
-    from router_service.loadgen import COLD_VOCAB, hot_tokens, run_load
+    from moe_serve.loadgen import COLD_VOCAB, hot_tokens, run_load
 
     if not 0 <= a.skew <= 1:
         raise ValueError(f"skew must be in [0, 1], got {a.skew}")
