@@ -22,7 +22,7 @@ $(MODEL)/config.json: | $(VENV)/.installed
 setup: $(VENV)/.installed $(MODEL)/config.json
 
 demo: setup
-	$(BIN)/python -m moe_serve.demo --model $(MODEL)
+	$(BIN)/moe-serve demo --model $(MODEL)
 
 # pytest exits 5 when it collects nothing; that must fail, and it does (make stops on any non-zero).
 test: setup

@@ -10,7 +10,7 @@ import json
 import signal
 import sys
 
-DTYPES = ("float32", "bfloat16", "float16")
+from moe_core.config import FLOAT_DTYPES
 
 
 def _ids(text: str, n: int, what: str) -> list[int]:
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
+    p.add_argument("--dtype", default="float32", choices=sorted(FLOAT_DTYPES), help="compute dtype")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 with --device cuda, else torch's; "
                                                "give several servers on one machine cores / servers)")
     p.add_argument("--max-rows", type=int, default=1 << 14, help="rows per call (sets the receive limit)")

@@ -1,7 +1,7 @@
 """The expert replica as a Ray Serve deployment: load one shard, serve ExpertService on this
 node's address, register in the directory, report load to Serve's autoscaler.
 
-One deployment per shard; `shard_plan` names them. Placement (`num_gpus`) comes from the
+One deployment per shard (moe_core/shards.py names them). Placement (`num_gpus`) comes from the
 deployment's `ray_actor_options`, so Ray sets CUDA_VISIBLE_DEVICES and this code just uses cuda.
 """
 from __future__ import annotations
@@ -21,23 +21,10 @@ from expert_service.directory import DEFAULT_NAME, HEARTBEAT_S, get_directory
 from expert_service.experts import ExpertShard
 from expert_service.server import ExpertServicer, start_server
 from moe_core.checkpoint import Checkpoint
-from moe_core.config import MoEConfig
+from moe_core.codec import DTYPES
 
 log = logging.getLogger("ray.serve")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def shard_plan(cfg: MoEConfig, layers_per_shard: int | None = None) -> dict[str, list[tuple[int, int]]]:
-    """Deployment name -> (layer, expert) pairs. Default: expert e across all layers ("expert-e")."""
-    if not layers_per_shard or layers_per_shard >= cfg.n_layers:
-        return {f"expert-{e}": [(L, e) for L in range(cfg.n_layers)] for e in range(cfg.n_experts)}
-    plan = {}
-    for e in range(cfg.n_experts):
-        for a in range(0, cfg.n_layers, layers_per_shard):
-            b = min(a + layers_per_shard, cfg.n_layers)
-            plan[f"expert-{e}-layers-{a}-{b - 1}"] = [(L, e) for L in range(a, b)]
-    return plan
 
 
 def server_credentials(tls: dict | None) -> grpc.ServerCredentials | None:

@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from moe.v1 import common_pb2
+from moe_core.config import FLOAT_DTYPES
 
 # Wire tag -> torch dtype. bfloat16 has no numpy dtype, so it travels as raw 2-byte words.
 DTYPES: dict[str, torch.dtype] = {
@@ -22,7 +23,6 @@ DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
 }
 TAGS = {v: k for k, v in DTYPES.items()}
-FLOAT_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 # Same-size integer views, so numpy can produce the bytes of any dtype (bf16 included).
 _WORD = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+FLOAT_DTYPES = frozenset({"float32", "bfloat16", "float16"})  # the dtypes weights and rows may take
+
 
 class ConfigError(ValueError):
     """A config that cannot describe a Mixtral model; the message names the field."""

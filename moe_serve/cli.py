@@ -9,6 +9,8 @@ import sys
 import grpc
 import numpy as np
 
+from moe_core.config import FLOAT_DTYPES
+
 DESCRIPTION = ("Serve a Mixtral-family mixture-of-experts model on Ray: the router and each expert are "
                "Ray Serve deployments behind one gRPC gateway. Start with `moe-serve init-model DIR`, "
                "`moe-serve up --model DIR`, `moe-serve generate --prompt TEXT`, `moe-serve down`.")
@@ -172,9 +174,14 @@ def cmd_stats(a):
     print(json.dumps(out))
 
 
+def cmd_demo(a) -> None:
+    from moe_serve import demo
+    demo.local(a.model) if a.local else demo.remote(a.model, a.port)
+
+
 # Modules that add subcommands of their own: each has `add_parser(sub)` setting `fn` as a default,
 # and keeps heavy imports inside its functions so that `moe-serve --help` stays quick.
-COMMAND_MODULES = ["moe_serve.record", "moe_serve.simulate", "moe_serve.plan_cmd", "moe_serve.load_cmd"]
+COMMAND_MODULES = ["moe_serve.cli_record", "moe_serve.cli_simulate", "moe_serve.cli_plan", "moe_serve.cli_load"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
+
+    s = sub.add_parser("demo", help="bring a cluster up, stream a few generations, show the routing, stop it")
+    s.add_argument("--model", required=True)
+    s.add_argument("--port", type=int, default=9000, help="gateway gRPC port")
+    s.add_argument("--local", action="store_true", help="everything in this process, no Ray")
+    s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("init-model", help="write a seeded random Mixtral checkpoint with a tokenizer")
     s.add_argument("out_dir")
@@ -198,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--address", type=address, default=f"127.0.0.1:{GATEWAY_PORT}", help="gateway HOST[:PORT]")
         s.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
         s.add_argument("--device", default="cpu", help="with --local: torch device of the model, e.g. cuda")
-        s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        s.add_argument("--dtype", default="float32", choices=sorted(FLOAT_DTYPES),
                        help="with --local: dtype of the model (bfloat16 on GPUs)")
 
     s = sub.add_parser("generate", help="generate tokens")
@@ -232,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "0: as the config says, CPU in serve.yaml)")
     s.add_argument("--expert-gpus", type=float, default=0, help="each expert replica's GPU share (0.125: eight to "
                                                                   "a GPU; 1: a GPU each)")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="router and expert dtype "
+    s.add_argument("--dtype", choices=sorted(FLOAT_DTYPES), help="router and expert dtype "
                                                                                   "(bfloat16 on GPUs)")
     s.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the new model to answer")
     s.add_argument("--no-dashboard", action="store_true", help="start the local cluster without Ray's "

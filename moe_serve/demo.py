@@ -1,8 +1,8 @@
-"""`make demo`: bring the cluster up, stream a few generations through the gateway, print how many
-tokens each expert got, and bring it down again (`--local` runs the same in this process)."""
+"""`make demo` (`moe-serve demo`): bring the cluster up, stream a few generations through the
+gateway, print how many tokens each expert got, and bring it down again (`local` runs the same in
+this process)."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 from moe_core.tokenizer import load_tokenizer
@@ -69,16 +69,3 @@ def local(model: str):
             return [item async for item in stream(tok.encode(prompt).ids)]
         _show(prompt, asyncio.run(collect()))
     _counts(engine.stats.counts.tolist())
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", required=True)
-    p.add_argument("--port", type=int, default=9000)
-    p.add_argument("--local", action="store_true", help="everything in this process, no Ray")
-    a = p.parse_args()
-    local(a.model) if a.local else remote(a.model, a.port)
-
-
-if __name__ == "__main__":
-    main()

@@ -33,6 +33,7 @@ from router_service import security, validation
 from router_service.app import expert_deployments
 from router_service.gateway import (GENERATED_SERVICER_FUNCTIONS, MAX_MESSAGE_ENV, SERVICER_FUNCTIONS,
                                     proxy_message_limit)
+from router_service.serving import ServingConfig
 
 DEFAULT_CONFIG = Path(str(resources.files("router_service") / "serve.yaml"))
 STATE_FILE = Path(os.environ.get("MOE_SERVE_STATE", Path.home() / ".cache" / "moe-serve" / "state.json"))
@@ -60,6 +61,7 @@ def load_config(path: str | Path | None = None, *, model: str | None = None, por
     app["args"] |= {k: v for k, v in app_args.items() if v is not None}
     if not (Path(app["args"]["model"]) / "config.json").is_file():
         raise FileNotFoundError(f"model directory {app['args']['model']} has no config.json")
+    ServingConfig.from_args(app["args"], source=str(path))  # refuses an unknown key or value, naming the file
     app["deployments"] = expert_deployments(app, MoEConfig.from_dir(app["args"]["model"]), source=str(path))
     app["args"].pop("expert_options", None)  # written out per deployment above, where Serve can update it
     grpc_options = cfg.setdefault("grpc_options", {})

@@ -12,28 +12,8 @@ imbalance is that maximum over the mean load per replica serving the layer
 from __future__ import annotations
 
 import heapq
-import re
 
-_NAME = re.compile(r"^expert-(\d+)(?:-layers-(\d+)-(\d+))?$")
-
-
-def shards_from_names(names, n_layers: int) -> dict[str, list[tuple[int, int]]]:
-    """Deployment names as `shard_plan` makes them ("expert-3", "expert-3-layers-0-15") -> pairs."""
-    shards = {}
-    for name in names:
-        m = _NAME.match(name)
-        if not m:
-            raise ValueError(f"cannot tell which experts deployment {name!r} serves "
-                             "(expected expert-E or expert-E-layers-A-B)")
-        e = int(m.group(1))
-        a, b = (int(m.group(2)), int(m.group(3))) if m.group(2) else (0, n_layers - 1)
-        shards[name] = [(L, e) for L in range(a, b + 1)]
-    return shards
-
-
-def default_shards(n_layers: int, n_experts: int) -> dict[str, list[tuple[int, int]]]:
-    """One shard per expert across all layers: the default deployment layout."""
-    return {f"expert-{e}": [(L, e) for L in range(n_layers)] for e in range(n_experts)}
+from moe_core.shards import shard_plan
 
 
 def check_counts(counts) -> list[list[float]]:
@@ -98,7 +78,7 @@ def plan(counts, budget: int, shards: dict[str, list[tuple[int, int]]] | None = 
     (`current` replicas, or one each) and after. `overall` is the sum over layers of the busiest
     replica's load over the sum of the means: the predicted slowdown of a step against a perfect split."""
     counts = check_counts(counts)
-    shards = shards or default_shards(len(counts), len(counts[0]))
+    shards = shards or shard_plan(len(counts), len(counts[0]))
     for name, pairs in shards.items():
         for L, e in pairs:
             if not (0 <= L < len(counts) and 0 <= e < len(counts[0])):

@@ -7,7 +7,7 @@ import numpy as np
 
 def replica_grid(replicas: dict[str, int], n_layers: int, n_experts: int) -> np.ndarray:
     """[L, E] replicas serving each (layer, expert), from deployment names; 0 where none is named."""
-    from moe_serve.planner import shards_from_names
+    from moe_core.shards import shards_from_names
     grid = np.zeros((n_layers, n_experts), dtype=np.int64)
     for name, pairs in shards_from_names(replicas, n_layers).items():
         for L, e in pairs:

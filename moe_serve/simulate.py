@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from moe_core.config import MoEConfig, preset
-from moe_serve.record import Trace, read_trace
+from moe_core.shards import shard_name
+from moe_serve.record import Trace
 
 SHAPES = ("mixtral-8x7b", "mixtral-8x22b")
 MAX_GPUS = 1024
@@ -224,7 +225,7 @@ class Simulator:
         if not keep.any():
             raise ValueError("the trace has no step in which every layer routed tokens")
         self.cfg, self.costs, self.T, self.context = cfg, costs, batch_tokens, context
-        self.names = [f"expert-{e}" for e in range(cfg.n_experts)]
+        self.names = [shard_name(e) for e in range(cfg.n_experts)]
         frac = counts[keep] / routed[keep][..., None]                       # [S, L, E]
         if len(frac) > MAX_STEPS:
             frac = frac[np.linspace(0, len(frac) - 1, MAX_STEPS).round().astype(int)]
@@ -363,39 +364,6 @@ def simulate(*, shape: str, gpus: int, trace: Trace | None = None, zipf: float |
         out["gpus_needed"] = hit.gpus if hit else None
     out["assumptions"] = sim.assumptions()
     return out
-
-
-# -- command line ----------------------------------------------------------------------------
-
-def add_parser(sub) -> None:
-    s = sub.add_parser("simulate", help="predict replicas per expert, GPUs and tokens/s from a routing trace")
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--trace", help="msgpack trace from `moe-serve record`")
-    src.add_argument("--zipf", type=float, help="synthetic trace: expert popularity ~ 1/rank**S")
-    s.add_argument("--shape", default="mixtral-8x7b", choices=SHAPES)
-    s.add_argument("--gpus", type=int, required=True, help="GPUs available")
-    s.add_argument("--target", type=float, help="tokens/s wanted: also report the GPUs needed (up to --gpus)")
-    s.add_argument("--batch-tokens", type=int, default=512, help="tokens per router step")
-    s.add_argument("--context", type=int, default=1024, help="mean tokens of context each new token attends to")
-    s.add_argument("--transport", help="the wire: a transport the costs' benchmark measured (grpc, shm, "
-                                       "cuda_ipc, ...), else a figure: grpc 0.15 GB/s, pinned 25 GB/s")
-    s.add_argument("--wire-gbs", type=float, help="wire bandwidth in GB/s each way, overrides --transport")
-    s.add_argument("--costs", help="costs JSON, a benchmarks/moe_layer.py result, or `defaults` for the "
-                                   "built-in estimates (default: the cost table shipped with the package)")
-    s.add_argument("--steps", type=int, default=200, help="steps of the synthetic trace")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--shuffle-layers", action="store_true", help="synthetic: rank experts afresh in each layer")
-    s.add_argument("--json", action="store_true", help="print JSON instead of text")
-    s.set_defaults(fn=_cmd_simulate)
-
-
-def _cmd_simulate(a) -> None:
-    trace = read_trace(a.trace) if a.trace else None
-    shape = a.shape
-    out = simulate(shape=shape, gpus=a.gpus, trace=trace, zipf=a.zipf, batch_tokens=a.batch_tokens, context=a.context,
-                   steps=a.steps, seed=a.seed, shuffle_layers=a.shuffle_layers, target_tokens_per_s=a.target,
-                   costs=load_costs(a.costs, transport=a.transport, wire_gbs=a.wire_gbs))
-    print(json.dumps(out) if a.json else render(out))
 
 
 def render(out: dict) -> str:

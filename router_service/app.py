@@ -1,7 +1,7 @@
 """The Serve application: expert deployments, the router, the gateway (gRPC, and the OpenAI HTTP
 routes on Serve's HTTP port: openai_api), composed with .bind().
 
-The expert deployments come from the checkpoint: one per shard of `shard_plan` (expert e of every
+The expert deployments come from the checkpoint: one per shard of `moe_core.shards.shard_plan` (expert e of every
 layer, or of `layers_per_shard` layers). `args.expert_options` holds the Serve options every expert
 deployment starts from (autoscaling, ray_actor_options, ...); the config's `deployments:` section
 edits any deployment by name on top (`serve.yaml`, the package's default config, shows both).
@@ -12,51 +12,32 @@ import copy
 
 from ray import serve
 
-from expert_service.deployment import ExpertReplica, shard_plan
+from expert_service.deployment import ExpertReplica
 from expert_service.directory import DEFAULT_NAME
 from moe_core.config import MoEConfig
-from router_service.openai_api import Gateway
+from moe_core.shards import shard_plan
+from router_service.gateway import Gateway
 from router_service.router import Router
+from router_service.serving import ServingConfig
 
 
 def build_app(args: dict) -> serve.Application:
-    """args: model (dir, required), layers_per_shard, expert_dtype, router_device ("auto": cuda when
-    the Router deployment's num_gpus gave it a GPU, else cpu; or a torch device), router_dtype
-    ("float32"; "bfloat16" on GPUs), directory, max_running, max_queued, expert_timeout_s,
-    request_timeout_s, wire_dtype, transport ("grpc" or "handle"),
-    micro_batches (2 = ping-pong overlap of attention and expert calls), shared_memory (same-node
-    sessions: "auto" = CUDA IPC from a GPU router, /dev/shm from a CPU one; "shm", "cuda_ipc"; "" = every
-    tensor as bytes over gRPC); security (docs/reliability.md):
-    auth_token_file, require_tls, expert_tls {ca, cert, key, client_cert, client_key, server_name};
-    limits: max_request_bytes, router_wait_s; expert_wait_s (how long a step waits for an expert
-    with no live replica to get one back); expert_options (Serve options of every expert
-    deployment); deploy_id (reported by Stats: `moe-serve up` waits until it answers); the engine's
-    max_seq_len, kv_tokens, kv_memory_fraction, max_step_tokens, cuda_graphs (see `Engine`)."""
-    model = args["model"]
-    cfg = MoEConfig.from_dir(model)
-    directory = args.get("directory", DEFAULT_NAME)
-    shards = shard_plan(cfg, args.get("layers_per_shard"))
-    expert_tls = args.get("expert_tls")
-    options = args.get("expert_options") or {}
-    experts = [ExpertReplica.options(name=name, **options).bind(model, name, pairs, directory, args.get("expert_dtype", "float32"),
-                                                     tls=expert_tls)
+    """`args`: the serving config (router_service/serving.py; router_service/serve.yaml documents
+    each key), refused with the key named if it has one no section knows."""
+    cfg = ServingConfig.from_args(args)
+    model_cfg = MoEConfig.from_dir(cfg.model)
+    shards = shard_plan(model_cfg.n_layers, model_cfg.n_experts, cfg.expert.layers_per_shard)
+    directory = cfg.directory or DEFAULT_NAME
+    options = cfg.expert.expert_options or {}
+    experts = [ExpertReplica.options(name=name, **options).bind(cfg.model, name, pairs, directory,
+                                                                 cfg.expert.expert_dtype, tls=cfg.expert_tls)
                for name, pairs in shards.items()]
-    router = Router.bind(model, shards, directory, experts=experts,
-                         max_running=args.get("max_running", 64), max_queued=args.get("max_queued", 256),
-                         expert_timeout_s=args.get("expert_timeout_s", 30.0), wire_dtype=args.get("wire_dtype"),
-                         transport=args.get("transport", "grpc"), micro_batches=args.get("micro_batches", 1),
-                         shared_memory=args.get("shared_memory", "auto"), expert_tls=expert_tls,
-                         router_device=args.get("router_device", "auto"),
-                         router_dtype=args.get("router_dtype", "float32"),
-                         expert_wait_s=args.get("expert_wait_s", 30.0), deploy_id=args.get("deploy_id", ""),
-                         **{k: args[k] for k in ENGINE_ARGS if args.get(k) is not None})
-    gateway_args = {k: args[k] for k in ("max_request_bytes", "router_wait_s", "auth_token_file", "require_tls")
-                    if args.get(k) is not None}
-    return Gateway.bind(router, model, args.get("request_timeout_s", 300.0), **gateway_args)
+    router = Router.bind(cfg.model, shards, cfg.router, directory, experts=experts, expert_tls=cfg.expert_tls,
+                         deploy_id=cfg.deploy_id)
+    return Gateway.bind(router, cfg.model, cfg.gateway.request_timeout_s, **cfg.gateway.given())
 
 
 FIXED = ("Gateway", "Router")
-ENGINE_ARGS = ("max_seq_len", "kv_tokens", "kv_memory_fraction", "max_step_tokens", "cuda_graphs")
 
 
 def expert_deployments(app: dict, cfg: MoEConfig, source: str) -> list[dict]:
@@ -65,7 +46,7 @@ def expert_deployments(app: dict, cfg: MoEConfig, source: str) -> list[dict]:
     top. Refuses (ValueError, one line naming both sides) a config that names a deployment the
     checkpoint does not have, or that lists some expert deployments, gives no `expert_options`,
     and misses others."""
-    shards = list(shard_plan(cfg, app.get("args", {}).get("layers_per_shard")))
+    shards = list(shard_plan(cfg.n_layers, cfg.n_experts, app.get("args", {}).get("layers_per_shard")))
     listed = {d["name"]: d for d in app.get("deployments") or []}
     model = app.get("args", {}).get("model")
     about = f"checkpoint {model} ({cfg.n_experts} experts, {cfg.n_layers} layers)"

@@ -22,6 +22,7 @@ from moe_core.staging import Staging
 from router_service import model
 from router_service.graphs import DecodeGraphs
 from router_service.sampling import SamplingParams, sample
+from router_service.serving import RouterConfig
 
 
 class Overloaded(RuntimeError):
@@ -68,9 +69,10 @@ class _Sequence:
 
 class Engine:
     def __init__(self, cfg: MoEConfig, weights: model.DenseWeights, dispatcher, *, device=None,
-                 max_running: int = 64, max_queued: int = 256, max_step_tokens: int = 8192,
-                 micro_batches: int = 1, max_seq_len: int | None = None, kv_tokens: int | None = None,
-                 kv_memory_fraction: float | None = None, cuda_graphs: bool = True):
+                 max_running: int = RouterConfig.max_running, max_queued: int = RouterConfig.max_queued,
+                 max_step_tokens: int = RouterConfig.max_step_tokens, micro_batches: int = RouterConfig.micro_batches,
+                 max_seq_len: int | None = None, kv_tokens: int | None = None,
+                 kv_memory_fraction: float | None = None, cuda_graphs: bool = RouterConfig.cuda_graphs):
         """`device` (default: the weights') holds the weights, the KV pool and every step's tensors;
         logits come back to the CPU in float32 for sampling, so seeded results do not depend on it.
 

@@ -12,31 +12,26 @@ from ray import serve
 
 from expert_service.directory import DEFAULT_NAME, get_directory
 from moe_core.checkpoint import Checkpoint
-from moe_core.codec import DTYPES, FLOAT_DTYPES
+from moe_core.codec import DTYPES
 from router_service import model, security
 from router_service.dispatch import remote_dispatcher
 from router_service.engine import Engine
 from router_service.metrics import RouterMetrics
 from router_service.sampling import SamplingParams
+from router_service.serving import RouterConfig
 
 log = logging.getLogger("ray.serve")
 
 
 @serve.deployment(max_ongoing_requests=1024, health_check_period_s=2)
 class Router:
-    def __init__(self, model_dir: str, shards: dict[str, list], directory: str = DEFAULT_NAME, *,
-                 experts: list | None = None, max_running: int = 64, max_queued: int = 256, expert_timeout_s: float = 30.0,
-                 wire_dtype: str | None = None, transport: str = "grpc", micro_batches: int = 1,
-                 shared_memory: str = "auto", expert_tls: dict | None = None, router_device: str = "auto",
-                 router_dtype: str = "float32", expert_wait_s: float = 30.0, deploy_id: str = "",
-                 max_seq_len: int | None = None, kv_tokens: int | None = None,
-                 kv_memory_fraction: float | None = None, max_step_tokens: int = 8192, cuda_graphs: bool = True):
-        if router_dtype not in FLOAT_DTYPES:
-            raise ValueError(f"router_dtype must be one of {', '.join(sorted(FLOAT_DTYPES))}, got {router_dtype!r}")
+    def __init__(self, model_dir: str, shards: dict[str, list], cfg: RouterConfig = RouterConfig(),
+                 directory: str = DEFAULT_NAME, *, experts: list | None = None, expert_tls: dict | None = None,
+                 deploy_id: str = ""):
         # "auto" follows the expert replicas' rule: a GPU when the deployment's num_gpus gave it one.
-        device = router_device if router_device != "auto" else (
+        device = cfg.router_device if cfg.router_device != "auto" else (
             "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
-        shared_memory = shared_kind(shared_memory, device)
+        shared_memory = shared_kind(cfg.shared_memory, device)
         ckpt = Checkpoint(model_dir)
         self.cfg = ckpt.config
         self.model_name, self.deploy_id = os.path.basename(os.path.normpath(model_dir)), deploy_id
@@ -53,20 +48,21 @@ class Router:
         async def forget(address):
             await self.directory.forget.remote(address)
 
-        channel = channel_name(transport, shared_memory)
+        channel = channel_name(cfg.transport, shared_memory)
         dispatcher = remote_dispatcher(shard_of, lookup, forget, channel=channel, handles=self.expert_handles,
-                            wire_dtype=wire_dtype, credentials=security.expert_channel_credentials(expert_tls),
+                            wire_dtype=cfg.wire_dtype, credentials=security.expert_channel_credentials(expert_tls),
                             channel_options=security.expert_channel_options(expert_tls),
                             local_hosts=frozenset({"127.0.0.1", ray.util.get_node_ip_address()}),
-                            call_timeout_s=expert_timeout_s, wait_s=expert_wait_s)
+                            call_timeout_s=cfg.expert_timeout_s, wait_s=cfg.expert_wait_s)
         self.pool = dispatcher.pool
-        weights = model.DenseWeights.load(ckpt, dtype=DTYPES[router_dtype], device=device)
+        weights = model.DenseWeights.load(ckpt, dtype=DTYPES[cfg.router_dtype], device=device)
         self.engine = Engine(self.cfg, weights, dispatcher,
-                             max_running=max_running, max_queued=max_queued, micro_batches=micro_batches,
-                             max_seq_len=max_seq_len, kv_tokens=kv_tokens, kv_memory_fraction=kv_memory_fraction,
-                             max_step_tokens=max_step_tokens, cuda_graphs=cuda_graphs)
+                             max_running=cfg.max_running, max_queued=cfg.max_queued, micro_batches=cfg.micro_batches,
+                             max_seq_len=cfg.max_seq_len, kv_tokens=cfg.kv_tokens,
+                             kv_memory_fraction=cfg.kv_memory_fraction, max_step_tokens=cfg.max_step_tokens,
+                             cuda_graphs=cfg.cuda_graphs)
         log.info("router on %s (%s, CUDA_VISIBLE_DEVICES=%s), expert channel: %s, KV pool: %d slots of %d "
-                 "positions, CUDA graphs: %s", device, router_dtype, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                 "positions, CUDA graphs: %s", device, cfg.router_dtype, os.environ.get("CUDA_VISIBLE_DEVICES"),
                  channel, self.engine.pool.n_slots, self.engine.pool.max_len,
                  "on" if self.engine.graphs is not None else "off")
         self.metrics = RouterMetrics(self.engine)  # Prometheus, flushed once a second off the step path
@@ -104,8 +100,6 @@ class Router:
 def channel_name(transport: str, shared_memory: str) -> str:
     """The expert channel (router_service/channels) the config's `transport` and (resolved)
     `shared_memory` name: "handle", a same-node session kind, or "grpc" (bytes)."""
-    if transport not in ("grpc", "handle"):
-        raise ValueError(f"transport must be 'grpc' or 'handle', got {transport!r}")
     return "handle" if transport == "handle" else shared_memory or "grpc"
 
 

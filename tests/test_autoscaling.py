@@ -19,7 +19,8 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from expert_service.autoscaling import ExpertLoadPolicy, LoadMeter, desired_replicas
 from expert_service.experts import ExpertShard
-from moe_serve.planner import assign_replicas, imbalance, plan, shards_from_names
+from moe_core.shards import shards_from_names
+from moe_serve.planner import assign_replicas, imbalance, plan
 from expert_service.server import ExpertServicer, start_server
 from moe_core.checkpoint import Checkpoint
 from router_service import model

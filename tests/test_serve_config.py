@@ -73,3 +73,31 @@ def test_a_config_without_defaults_that_misses_an_expert_is_refused(tmp_path):
         app["deployments"] += [{"name": f"expert-{e}", "num_replicas": 1} for e in range(3)]
     with pytest.raises(ValueError, match="not expert-3, which checkpoint .* needs"):
         load_config(edited(tmp_path, edit), model=str(model))
+
+
+def test_an_unknown_or_bad_arg_is_refused_naming_it_and_the_file(tmp_path):
+    model = checkpoint(tmp_path / "m", 2)
+    path = edited(tmp_path, lambda app: app["args"].update(max_runing=8))
+    with pytest.raises(ValueError, match=rf"{path}: unknown key max_runing in args \(known: .*max_running"):
+        load_config(path, model=str(model))
+    path = edited(tmp_path, lambda app: app["args"].update(transport="tcp"))
+    with pytest.raises(ValueError, match=rf"{path}: transport must be one of 'grpc', 'handle', got 'tcp'"):
+        load_config(path, model=str(model))
+
+
+def test_the_serving_config_parses_the_flat_args_into_sections_with_one_set_of_defaults():
+    import inspect
+
+    from router_service.engine import Engine
+    from router_service.serving import RouterConfig, ServingConfig
+    cfg = ServingConfig.from_args({"model": "m", "max_running": 8, "expert_dtype": "bfloat16", "router_wait_s": 3.0,
+                                   "expert_tls": {"ca": "ca.pem"}})
+    assert (cfg.router.max_running, cfg.router.max_queued, cfg.expert.expert_dtype) == (8, 256, "bfloat16")
+    assert cfg.gateway.given() == {"router_wait_s": 3.0} and cfg.expert_tls == {"ca": "ca.pem"}
+    engine = inspect.signature(Engine).parameters
+    for name in ("max_running", "max_queued", "max_step_tokens", "micro_batches", "cuda_graphs"):
+        assert engine[name].default == getattr(RouterConfig, name)  # the engine's defaults are the config's
+    with pytest.raises(ValueError, match="args.model .* is missing"):
+        ServingConfig.from_args({})
+    with pytest.raises(ValueError, match="max_running must be a positive integer, got 0"):
+        ServingConfig.from_args({"model": "m", "max_running": 0})

@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 from expert_service.experts import ExpertShard, expert_ffn
 from expert_service.server import MAX_SEGMENTS, ExpertServicer, start_server
 from moe.v1 import common_pb2, expert_pb2, expert_pb2_grpc
-from moe_core import auth
-from moe_core import tensor_frame
+from moe_core import auth, tensor_frame
 from moe_core.checkpoint import Checkpoint, expert_keys, random_weights, write_checkpoint
 from moe_core.codec import DTYPES, WireError, decode, encode
 from moe_core.config import preset

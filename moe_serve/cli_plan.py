@@ -37,7 +37,8 @@ def _from_gateway(address: str, timeout: float):
 
 
 def _from_file(path: str):
-    from moe_serve.planner import check_counts, shards_from_names
+    from moe_core.shards import shards_from_names
+    from moe_serve.planner import check_counts
     try:
         with open(path) as f:
             data = json.load(f)
