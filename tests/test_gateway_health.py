@@ -4,7 +4,8 @@ import asyncio
 
 from grpc_health.v1 import health_pb2
 
-from router_service import gateway
+from router_service.gateway import GrpcGateway, RouterClient
+from router_service.gateway.router_client import HEALTH_TTL_S
 
 
 class _Router:
@@ -22,14 +23,14 @@ class _Router:
 
 
 def _gateway(ready: dict):
-    g = object.__new__(gateway.Gateway.func_or_class)
-    g.router, g.router_wait_s, g.max_request_bytes = _Router(), 30.0, 1 << 20
-    g._serving, g._serving_at, g._health_look = None, 0.0, None
+    g = object.__new__(GrpcGateway)
+    g.max_request_bytes = 1 << 20
+    g.client = RouterClient(_Router(), wait_s=30.0)
 
     async def unary(_response, _wait_s=None):
         await asyncio.sleep(0.05)  # a router call takes a while
         return ready
-    g._unary = unary
+    g.client._unary = unary
     return g
 
 
@@ -42,10 +43,10 @@ def test_a_check_flood_makes_one_router_call_per_ttl():
         g = _gateway({"expert-0": 1, "expert-1": 1})
         replies = await asyncio.gather(*(g.Check(health_pb2.HealthCheckRequest(), _Ctx()) for _ in range(500)))
         assert {r.status for r in replies} == {health_pb2.HealthCheckResponse.SERVING}
-        assert g.router.looks == 1
-        g._serving_at -= gateway.HEALTH_TTL_S  # the state is old: the next Check starts one new look
+        assert g.client.handle.looks == 1
+        g.client._serving_at -= HEALTH_TTL_S  # the state is old: the next Check starts one new look
         await asyncio.gather(*(g.Check(health_pb2.HealthCheckRequest(), _Ctx()) for _ in range(100)))
-        assert g.router.looks == 2
+        assert g.client.handle.looks == 2
         gone = _gateway({"expert-0": 0})
         assert (await gone.Check(health_pb2.HealthCheckRequest(), _Ctx())).status == \
             health_pb2.HealthCheckResponse.NOT_SERVING

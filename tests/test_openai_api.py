@@ -3,6 +3,7 @@ text held back at stop strings and split characters, request bodies, errors in O
 from __future__ import annotations
 
 import json
+import types
 
 import grpc
 import pytest
@@ -11,9 +12,8 @@ from ray.serve.exceptions import BackPressureError
 
 from moe_core.config import preset
 from moe_core.tokenizer import load_chat_template, load_tokenizer, write_tokenizer
-from router_service import openai_api
 from router_service.engine import Overloaded
-from router_service.gateway import RouterUnavailable
+from router_service.gateway import RouterUnavailable, openai_api
 from router_service.sampling import SamplingParams
 from router_service.validation import RequestError
 from tests.conftest import run
@@ -39,7 +39,7 @@ def front(model_dir, tokens: list[int], template=True):
     async def fake(ids, params):
         for i, t in enumerate(tokens):
             yield t, "length" if i == len(tokens) - 1 else None
-    g._tokens = fake
+    g.client = types.SimpleNamespace(tokens=fake)
     return g
 
 

@@ -4,9 +4,10 @@ streaming), errors as `{"error": {"message", "type", "param", "code"}}`.
 
 A Serve application has one ingress deployment, and Serve's gRPC proxy reaches an application
 without being told its name only while it is the only one; so the gateway's deployment takes the
-HTTP requests too (this subclass, FastAPI through `serve.ingress`). Both fronts share the Router
-handle, the validation rules, the bearer tokens, admission, resumption and the mapping of what
-goes wrong; only the encoding differs. The gRPC status of an error picks its HTTP status.
+HTTP requests too (this subclass of the gRPC servicer, FastAPI through `serve.ingress`; `Gateway`,
+at the end, is the deployment). Both fronts share the RouterClient (liveness, resumption), the
+validation rules, the bearer tokens, and the mapping of what goes wrong; only the encoding
+differs. The gRPC status of an error picks its HTTP status.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from moe_core.tokenizer import load_chat_template
-from router_service import gateway, security, validation
+from router_service import security, validation
+from router_service.gateway.grpc_ingress import GrpcGateway, _status
+from router_service.gateway.router_client import service_error
 from router_service.validation import RequestError
 
 api = FastAPI(title="moe-serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -87,8 +90,8 @@ def _invalid(message: str, param: str | None = None) -> RequestError:
 
 
 def error_response(e: BaseException) -> JSONResponse:
-    cause = gateway._cause(e)
-    code, message = gateway._status(e)
+    cause = service_error(e)
+    code, message = _status(e)
     status = HTTP_STATUS.get(code, 503)
     if code == CODE.RESOURCE_EXHAUSTED and isinstance(cause, RequestError):
         status = 400  # a request past a size limit, not the server's load
@@ -137,8 +140,8 @@ def _held_back(text: str, stop: list[str]) -> int:
     return end
 
 
-class OpenAIGateway(gateway.Gateway.func_or_class):
-    """The gRPC gateway with the OpenAI HTTP routes (`Gateway`, below, is its deployment)."""
+class OpenAIGateway(GrpcGateway):
+    """The gRPC servicer with the OpenAI HTTP routes (`Gateway`, below, is their deployment)."""
 
     def __init__(self, router, model_dir: str, *args, **kw):
         super().__init__(router, model_dir, *args, **kw)
@@ -296,7 +299,7 @@ class OpenAIGateway(gateway.Gateway.func_or_class):
         """(text, token ids, finish_reason or None) as the tokens come: the text each token adds,
         held back while it may be the start of a stop string; the generation ends at a stop string."""
         tokens, shown = [], 0
-        async with contextlib.aclosing(self._tokens(ids, params)) as stream:
+        async with contextlib.aclosing(self.client.tokens(ids, params)) as stream:
             async for token, reason in stream:
                 tokens.append(token)
                 text = self._text(tokens)
