@@ -58,12 +58,18 @@ def _user_key() -> bytes:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:  # O_EXCL: two processes starting together agree on the first one's key
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    # Written whole under a name of its own, then linked into place (link fails if the name is
+    # taken): processes starting together agree on the first one's key and never read half a file.
+    tmp = path.with_name(f".data_key.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        os.link(tmp, path)
     except FileExistsError:
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
     return path.read_bytes().strip()
 
 

@@ -2,9 +2,10 @@
 
 A dispatcher takes one layer's routed rows, already grouped by expert (`counts_E[e]` rows for
 expert e, in expert order), and returns the experts' unweighted outputs in the same row order,
-by `deadline` (time.monotonic(); None for the dispatcher's own default):
+by `deadline` (time.monotonic(); None for the dispatcher's own default), into `out_NH` when
+given (a CUDA graph's static buffer, say: no tensor of its own, no copy):
 
-    await dispatcher.run_experts(layer, x_NH, counts_E, deadline) -> y_NH
+    await dispatcher.run_experts(layer, x_NH, counts_E, deadline, out_NH=None) -> y_NH
 
 Two: InProcessDispatcher (the reference: the experts in this process) and RemoteDispatcher
 (the rows cut by shard and sent through a ReplicaPool, whose Channels move them).
@@ -22,17 +23,17 @@ from router_service.replica_pool import ReplicaPool
 
 
 class Dispatcher(Protocol):
-    async def run_experts(self, layer: int, x_NH: torch.Tensor, counts_E: list[int],
-                          deadline: float | None = None) -> torch.Tensor: ...
+    async def run_experts(self, layer: int, x_NH: torch.Tensor, counts_E: list[int], deadline: float | None = None,
+                          out_NH: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class InProcessDispatcher:
     def __init__(self, shard: ExpertShard):
         self.shard = shard
 
-    async def run_experts(self, layer: int, x_NH: torch.Tensor, counts_E: list[int],
-                          deadline: float | None = None) -> torch.Tensor:
-        return self.shard.forward(x_NH, [(layer, e, n) for e, n in enumerate(counts_E)])
+    async def run_experts(self, layer: int, x_NH: torch.Tensor, counts_E: list[int], deadline: float | None = None,
+                          out_NH: torch.Tensor | None = None) -> torch.Tensor:
+        return self.shard.forward(x_NH, [(layer, e, n) for e, n in enumerate(counts_E)], out_TH=out_NH)
 
     def on_device(self, n_layers: int, n_experts: int):
         """`experts(layer, x_NH, counts_E)` with the counts a device tensor (no host wait, so a CUDA
@@ -49,11 +50,12 @@ class RemoteDispatcher:
     def __init__(self, shard_of: dict[tuple[int, int], str], pool: ReplicaPool):
         self.shard_of, self.pool = shard_of, pool
 
-    async def run_experts(self, layer: int, x_NH: torch.Tensor, counts_E: list[int],
-                          deadline: float | None = None) -> torch.Tensor:
-        y_NH = torch.empty_like(x_NH)
-        await asyncio.gather(*(self._shard_call(shard, x_NH, y_NH, ranges, segs, deadline)
-                               for shard, ranges, segs in split_by_shard(layer, counts_E, self.shard_of)))
+    async def run_experts(self, layer: int, x_NH: torch.Tensor, counts_E: list[int], deadline: float | None = None,
+                          out_NH: torch.Tensor | None = None) -> torch.Tensor:
+        y_NH = torch.empty_like(x_NH) if out_NH is None else out_NH
+        calls = [self._shard_call(shard, x_NH, y_NH, ranges, segs, deadline)
+                 for shard, ranges, segs in split_by_shard(layer, counts_E, self.shard_of)]
+        await (calls[0] if len(calls) == 1 else asyncio.gather(*calls))  # one shard: no task to schedule
         return y_NH
 
     async def close(self) -> None:

@@ -132,5 +132,5 @@ class DecodeGraphs:
             piece.replay() if self.capture else piece()
             if self.experts is None and L < self.cfg.n_layers:  # the experts between pieces L and L+1
                 r = b.routed[L]
-                b.y_NH[L].copy_(await self.dispatcher.run_experts(L, r.x_NH, r.counts_E.tolist(), deadline))
+                await self.dispatcher.run_experts(L, r.x_NH, r.counts_E.tolist(), deadline, out_NH=b.y_NH[L])
         return b.out_RH.index_select(0, b.order_R[:len(slots)]), b.counts_LE

@@ -355,3 +355,18 @@ def test_stopping_the_server_closes_its_doorbell():
             await client.close()
             servicer.close()
     asyncio.run(go())
+
+
+def test_processes_starting_together_agree_on_the_per_user_key(tmp_path):
+    """With no Ray token and no key given, the first process writes the per-user key file and
+    every other one reads the whole key, never a file still being written."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "MOE_SERVE_DATA_KEY"))}
+    env["HOME"] = str(tmp_path)
+    code = "from moe_core import auth; print(auth.data_key())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(8)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1
+    assert sorted(os.listdir(tmp_path / ".config" / "moe-serve")) == ["data_key"]
+    assert (tmp_path / ".config" / "moe-serve" / "data_key").stat().st_mode & 0o777 == 0o600

@@ -49,7 +49,7 @@ class SlowExperts:
         self.inner, self.delay_s = inner, delay_s
         self.started = self.cancelled = self.finished = 0
 
-    async def run_experts(self, layer, x_NH, counts_E, deadline=None):
+    async def run_experts(self, layer, x_NH, counts_E, deadline=None, out_NH=None):
         self.started += 1
         try:
             await asyncio.sleep(self.delay_s)
@@ -57,7 +57,7 @@ class SlowExperts:
             self.cancelled += 1
             raise
         self.finished += 1
-        return await self.inner.run_experts(layer, x_NH, counts_E, deadline)
+        return await self.inner.run_experts(layer, x_NH, counts_E, deadline, out_NH)
 
 
 def slow_engine(model_dir, delay_s=0.2, **limits):

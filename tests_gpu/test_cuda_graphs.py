@@ -36,8 +36,8 @@ class Between:
     def __init__(self, inner):
         self.inner = inner
 
-    async def run_experts(self, layer, x_NH, counts_E, deadline=None):
-        return await self.inner.run_experts(layer, x_NH, counts_E, deadline)
+    async def run_experts(self, layer, x_NH, counts_E, deadline=None, out_NH=None):
+        return await self.inner.run_experts(layer, x_NH, counts_E, deadline, out_NH)
 
 
 def _tokens(engine):
