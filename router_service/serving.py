@@ -36,9 +36,10 @@ class RouterConfig:
         _one_of("router_dtype", self.router_dtype, sorted(FLOAT_DTYPES))
         if self.wire_dtype is not None:
             _one_of("wire_dtype", self.wire_dtype, sorted(FLOAT_DTYPES))
-        for name in ("max_running", "max_queued", "micro_batches", "max_step_tokens"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name, least in (("max_running", 1), ("max_queued", 0), ("micro_batches", 1), ("max_step_tokens", 1)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= least):
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -99,5 +99,6 @@ def test_the_serving_config_parses_the_flat_args_into_sections_with_one_set_of_d
         assert engine[name].default == getattr(RouterConfig, name)  # the engine's defaults are the config's
     with pytest.raises(ValueError, match="args.model .* is missing"):
         ServingConfig.from_args({})
-    with pytest.raises(ValueError, match="max_running must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="max_running must be an integer >= 1, got 0"):
         ServingConfig.from_args({"model": "m", "max_running": 0})
+    assert ServingConfig.from_args({"model": "m", "max_queued": 0}).router.max_queued == 0  # no queue: refuse at once
