@@ -37,16 +37,22 @@ class WireError(ValueError):
     """A tensor message that must be rejected; the message names the field and the problem."""
 
 
-def encode(t: torch.Tensor, dtype: str | None = None) -> common_pb2.Tensor:
-    """One copy into bytes (numpy's tobytes also makes non-contiguous views row-major)."""
+def wire_form(t: torch.Tensor, dtype: str | None = None) -> tuple[torch.Tensor, str]:
+    """`t` cast to the wire dtype `dtype` (default its own), and that dtype's tag."""
     if dtype is not None:
         if dtype not in DTYPES:
             raise WireError(f"cannot encode as dtype {dtype!r}; wire dtypes are {', '.join(DTYPES)}")
         t = t.to(DTYPES[dtype])
     if t.dtype not in TAGS:
         raise WireError(f"tensor dtype {t.dtype} has no wire form; wire dtypes are {', '.join(DTYPES)}")
+    return t, TAGS[t.dtype]
+
+
+def encode(t: torch.Tensor, dtype: str | None = None) -> common_pb2.Tensor:
+    """One copy into bytes (numpy's tobytes also makes non-contiguous views row-major)."""
+    t, tag = wire_form(t, dtype)
     arr = t.detach().cpu().view(_WORD[t.element_size()]).numpy()
-    return common_pb2.Tensor(dtype=TAGS[t.dtype], shape=t.shape, data=arr.tobytes())
+    return common_pb2.Tensor(dtype=tag, shape=t.shape, data=arr.tobytes())
 
 
 def decode(msg: common_pb2.Tensor, *, allowed_dtypes=FLOAT_DTYPES, max_elements: int = MAX_ELEMENTS,

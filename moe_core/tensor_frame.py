@@ -22,8 +22,8 @@ import torch
 from google.protobuf.message import DecodeError
 
 from moe.v1 import common_pb2, expert_pb2
-from moe_core.codec import (DTYPES, FLOAT_DTYPES, TAGS, TENSOR_SCAN, WireError, check_finite, check_header,
-                            scan, view_payload)
+from moe_core.codec import (FLOAT_DTYPES, TAGS, TENSOR_SCAN, WireError, check_finite, check_header,
+                            scan, view_payload, wire_form)
 
 METHOD = "/moe.v1.ExpertService/ForwardFrame"
 _LEN = struct.Struct(">I")
@@ -84,22 +84,12 @@ def _parse(cls, header: memoryview, scan_limits: dict):
         raise WireError(f"frame header is not a valid {name} protobuf") from None
 
 
-def _wire_tag(t: torch.Tensor, wire_dtype: str | None) -> tuple[torch.Tensor, str]:
-    if wire_dtype is not None:
-        if wire_dtype not in DTYPES:
-            raise WireError(f"cannot encode as dtype {wire_dtype!r}; wire dtypes are {', '.join(DTYPES)}")
-        t = t.to(DTYPES[wire_dtype])
-    if t.dtype not in TAGS:
-        raise WireError(f"tensor dtype {t.dtype} has no wire form; wire dtypes are {', '.join(DTYPES)}")
-    return t, TAGS[t.dtype]
-
-
 def encode_request(x_TH: torch.Tensor, segments, wire_dtype: str | None = None) -> bytes:
     """A ForwardFrame request: rows of x_TH by (layer, expert, rows) segments. `wire_dtype` (e.g.
     "bfloat16") casts the rows for the wire, as moe_core.codec.encode does; the reply comes back
     in that dtype. The rows' bytes are copied once, into the frame, when x_TH is a contiguous host
     tensor; stage a CUDA tensor through pinned memory first (moe_core.staging)."""
-    x_TH, tag = _wire_tag(x_TH, wire_dtype)
+    x_TH, tag = wire_form(x_TH, wire_dtype)
     header = expert_pb2.ForwardRequest(
         hidden=common_pb2.Tensor(dtype=tag, shape=x_TH.shape),
         segments=[expert_pb2.Segment(layer=L, expert=E, rows=n) for L, E, n in segments]).SerializeToString()
@@ -134,7 +124,7 @@ def decode_request(data, *, hidden: int, max_elements: int, max_segments: int,
 
 def encode_reply(y_TH: torch.Tensor) -> bytes:
     """A ForwardFrame reply carrying y_TH as it is (its dtype is the wire's)."""
-    y_TH, tag = _wire_tag(y_TH, None)
+    y_TH, tag = wire_form(y_TH, None)
     header = expert_pb2.ForwardReply(output=common_pb2.Tensor(dtype=tag, shape=y_TH.shape)).SerializeToString()
     return _frame(header, y_TH)
 
