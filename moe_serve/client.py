@@ -52,9 +52,15 @@ def generate(address, *, prompt_ids=None, prompt=None, params, stream=False, tim
 
 
 def score(address, token_ids, *, timeout=120.0) -> np.ndarray:
+    """float32 logits [T, vocab], through ScoreStream (any T fits)."""
+    rows = []
     with channel(address) as ch:
-        r = gateway_pb2_grpc.GatewayStub(ch).Score(gateway_pb2.ScoreRequest(token_ids=token_ids), timeout=timeout)
-    return decode(r.logits, allowed_dtypes=("float32",), max_elements=MAX_MESSAGE_BYTES // 4).numpy()
+        for chunk in gateway_pb2_grpc.GatewayStub(ch).ScoreStream(gateway_pb2.ScoreRequest(token_ids=token_ids),
+                                                                  timeout=timeout):
+            if chunk.first_row != sum(len(r) for r in rows):
+                raise ValueError(f"ScoreStream sent row {chunk.first_row} out of order")
+            rows.append(decode(chunk.logits, allowed_dtypes=("float32",), max_elements=MAX_MESSAGE_BYTES // 4).numpy())
+    return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
 
 
 def stats(address, *, timeout=30.0, ca=None, token=None) -> gateway_pb2.StatsReply:

@@ -102,8 +102,7 @@ def deploy(cfg: dict, *, wait_s: float = 300.0, progress=None) -> str:
     the config's own `controller_options` env_vars go first."""
     app = cfg["applications"][0]
     app["args"]["deploy_id"] = uuid.uuid4().hex[:12]
-    limit = proxy_message_limit(MoEConfig.from_dir(app["args"]["model"]),
-                                app["args"].get("max_request_bytes", validation.MAX_REQUEST_BYTES))
+    limit = proxy_message_limit(app["args"].get("max_request_bytes", validation.MAX_REQUEST_BYTES))
     env = dict(((cfg.get("controller_options") or {}).get("runtime_env") or {}).get("env_vars") or {})
     env.setdefault(MAX_MESSAGE_ENV, str(limit))
     serve.start(http_options=cfg.get("http_options"), grpc_options=cfg["grpc_options"],

@@ -61,6 +61,7 @@ class GatewayConfig:
     router_wait_s: float | None = None
     auth_token_file: str | None = None
     require_tls: bool | None = None
+    max_requests_per_client: int | None = None  # a client's share of requests in flight (None: no limit)
 
     def given(self) -> dict:
         """The limits and security options set (the gateway's keyword arguments)."""

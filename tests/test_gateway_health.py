@@ -51,3 +51,31 @@ def test_a_check_flood_makes_one_router_call_per_ttl():
         assert (await gone.Check(health_pb2.HealthCheckRequest(), _Ctx())).status == \
             health_pb2.HealthCheckResponse.NOT_SERVING
     asyncio.run(go())
+
+
+def test_a_client_past_its_share_of_requests_is_refused_while_others_are_served():
+    """max_requests_per_client: one caller's further requests get RESOURCE_EXHAUSTED while it holds
+    its share; another caller (another token, or another host) is served; the share comes back
+    when a request ends, however it ends."""
+    import grpc
+    import pytest
+
+    from router_service.gateway.admission import ClientShare, client_id
+    from router_service.validation import RequestError
+    share = ClientShare(2)
+    a = client_id([("authorization", "Bearer token-a")], "ipv4:10.0.0.1:5000", [b"token-a", b"token-b"])
+    b = client_id([("authorization", "Bearer token-b")], "ipv4:10.0.0.1:5001", [b"token-a", b"token-b"])
+    assert a != b and "token-a" not in a  # a digest, not the token
+    assert client_id([], "ipv4:10.0.0.1:5000", []) == client_id([], "ipv4:10.0.0.1:6000", []) == "host:10.0.0.1"
+    with share.hold(a), share.hold(a):
+        with pytest.raises(RequestError) as refused:
+            with share.hold(a):
+                pass
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_requests_per_client" in \
+            refused.value.message
+        with share.hold(b):
+            assert share.held == {a: 2, b: 1}
+    with pytest.raises(ZeroDivisionError):
+        with share.hold(a):
+            1 / 0
+    assert not share.held  # every slot back, also after a failure

@@ -14,6 +14,7 @@ from moe_core.config import preset
 from moe_core.tokenizer import load_chat_template, load_tokenizer, write_tokenizer
 from router_service.engine import Overloaded
 from router_service.gateway import RouterUnavailable, openai_api
+from router_service.gateway.admission import ClientShare
 from router_service.sampling import SamplingParams
 from router_service.validation import RequestError
 from tests.conftest import run
@@ -40,12 +41,13 @@ def front(model_dir, tokens: list[int], template=True):
         for i, t in enumerate(tokens):
             yield t, "length" if i == len(tokens) - 1 else None
     g.client = types.SimpleNamespace(tokens=fake)
+    g.share = ClientShare()
     return g
 
 
 def pieces(g, stop):
     async def go():
-        return [p async for p in g._pieces([1], SamplingParams(), stop)]
+        return [p async for p in g._pieces([1], SamplingParams(), stop, "host:127.0.0.1")]
     return run(go())
 
 

@@ -20,12 +20,14 @@ from moe_core.config import MoEConfig
 from moe_core.tokenizer import load_tokenizer
 from router_service import security, validation
 from router_service.engine import Overloaded
+from router_service.gateway.admission import ClientShare, client_id
 from router_service.gateway.router_client import RouterClient, RouterUnavailable, service_error
 from router_service.replica_pool import ExpertsUnavailable
 from router_service.sampling import SamplingParams
 from router_service.validation import RequestError
 
 log = logging.getLogger("ray.serve")
+REPLY_HEADER_BYTES = 4096  # a ScoreChunk's fields besides the logits' data, with room to spare
 
 
 def _status(e: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -68,13 +70,15 @@ class GrpcGateway:
 
     def __init__(self, router: DeploymentHandle, model_dir: str, request_timeout_s: float = 300.0, *,
                  max_request_bytes: int = validation.MAX_REQUEST_BYTES, router_wait_s: float = 30.0,
-                 auth_token_file: str | None = None, require_tls: bool = False):
+                 auth_token_file: str | None = None, require_tls: bool = False,
+                 max_requests_per_client: int | None = None):
         self.client = RouterClient(router, request_timeout_s=request_timeout_s, wait_s=router_wait_s)
         self.cfg = MoEConfig.from_dir(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.max_request_bytes = max_request_bytes
         self.tokens = security.load_tokens(auth_token_file)
         self.require_tls = require_tls
+        self.share = ClientShare(max_requests_per_client)
         log.info("gateway: bearer tokens %s, TLS %s", "required" if self.tokens else "off",
                  "required" if require_tls else "optional")
 
@@ -95,6 +99,16 @@ class GrpcGateway:
         ids = validation.prompt_ids(request, self.cfg, self.tokenizer)
         return ids, validation.sampling_params(request.sampling, len(ids), self.cfg)
 
+    def _client(self, grpc_context) -> str:
+        return client_id(grpc_context.invocation_metadata(), grpc_context.peer(), self.tokens)
+
+    async def _tokens(self, ids: list[int], params: SamplingParams, client: str):
+        """The router's (token, finish_reason) pairs, holding one of `client`'s share of requests."""
+        with self.share.hold(client):
+            async with contextlib.aclosing(self.client.tokens(ids, params)) as stream:
+                async for item in stream:
+                    yield item
+
     def _text(self, ids) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
@@ -105,7 +119,7 @@ class GrpcGateway:
     async def Generate(self, request, grpc_context):
         with _statuses(grpc_context):
             ids, params = self._generation(request, grpc_context)
-            async with contextlib.aclosing(self.client.tokens(ids, params)) as stream:
+            async with contextlib.aclosing(self._tokens(ids, params, self._client(grpc_context))) as stream:
                 async for token, reason in stream:
                     yield gateway_pb2.GenerateChunk(token_ids=[token], text=self._text([token]),
                                                     finish_reason=reason or "")
@@ -114,17 +128,37 @@ class GrpcGateway:
         with _statuses(grpc_context):
             ids, params = self._generation(request, grpc_context)
             tokens, reason = [], ""
-            async with contextlib.aclosing(self.client.tokens(ids, params)) as stream:
+            async with contextlib.aclosing(self._tokens(ids, params, self._client(grpc_context))) as stream:
                 async for token, reason in stream:
                     tokens.append(token)
             return gateway_pb2.GenerateReply(token_ids=tokens, text=self._text(tokens), finish_reason=reason,
                                              prompt_tokens=len(ids))
 
+    def _score_ids(self, data, grpc_context) -> list[int]:
+        request = self._admit(data, gateway_pb2.ScoreRequest, grpc_context)
+        return validation.check_token_ids(request.token_ids, self.cfg, "token_ids")
+
+    def _rows_per_message(self) -> int:
+        """Logit rows (float32 [vocab]) one message may carry within the gateway's message limit."""
+        return max(1, (self.max_request_bytes - REPLY_HEADER_BYTES) // (4 * self.cfg.vocab_size))
+
     async def Score(self, request, grpc_context) -> gateway_pb2.ScoreReply:
         with _statuses(grpc_context):
-            request = self._admit(request, gateway_pb2.ScoreRequest, grpc_context)
-            ids = validation.check_token_ids(request.token_ids, self.cfg, "token_ids")
-            return gateway_pb2.ScoreReply(logits=encode(await self.client.score(ids)))
+            ids = self._score_ids(request, grpc_context)
+            if len(ids) > self._rows_per_message():
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"the logits of {len(ids)} tokens ({len(ids) * 4 * self.cfg.vocab_size} bytes) "
+                                   f"exceed the message limit of {self.max_request_bytes}; use ScoreStream")
+            with self.share.hold(self._client(grpc_context)):
+                return gateway_pb2.ScoreReply(logits=encode(await self.client.score(ids)))
+
+    async def ScoreStream(self, request, grpc_context):
+        with _statuses(grpc_context):
+            ids = self._score_ids(request, grpc_context)
+            with self.share.hold(self._client(grpc_context)):
+                logits_TV, n = await self.client.score(ids), self._rows_per_message()
+            for row in range(0, len(ids), n):
+                yield gateway_pb2.ScoreChunk(logits=encode(logits_TV[row:row + n]), first_row=row)
 
     async def Stats(self, request, grpc_context) -> gateway_pb2.StatsReply:
         with _statuses(grpc_context):

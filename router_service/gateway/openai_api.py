@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 
 from moe_core.tokenizer import load_chat_template
 from router_service import security, validation
+from router_service.gateway.admission import client_id
 from router_service.gateway.grpc_ingress import GrpcGateway, _status
 from router_service.gateway.router_client import service_error
 from router_service.validation import RequestError
@@ -173,7 +174,8 @@ class OpenAIGateway(GrpcGateway):
         try:
             body = await self._body(request, CompletionBody)
             ids = self._prompt(body.prompt)
-            return await self._reply(body, ids, 16 if body.max_tokens is None else body.max_tokens, chat=False)
+            return await self._reply(body, ids, 16 if body.max_tokens is None else body.max_tokens,
+                                     chat=False, client=self._http_client(request))
         except Exception as e:
             return error_response(e)
 
@@ -184,7 +186,7 @@ class OpenAIGateway(GrpcGateway):
             ids = self._chat_prompt(body.messages)
             n = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
             return await self._reply(body, ids, n if n is not None else self.cfg.max_position_embeddings - len(ids),
-                                     chat=True)
+                                     chat=True, client=self._http_client(request))
         except Exception as e:
             return error_response(e)
 
@@ -196,6 +198,9 @@ class OpenAIGateway(GrpcGateway):
         why = security.check_bearer(request.headers.items(), self.tokens)
         if why:
             raise RequestError(CODE.UNAUTHENTICATED, why.replace("metadata", "header"))
+
+    def _http_client(self, request: Request) -> str:
+        return client_id(request.headers.items(), request.client.host if request.client else None, self.tokens)
 
     async def _body(self, request: Request, cls):
         """The caller checked, then the JSON body (at most max_request_bytes) as `cls`."""
@@ -273,7 +278,7 @@ class OpenAIGateway(GrpcGateway):
 
     # -- replies ---------------------------------------------------------------------------------
 
-    async def _reply(self, body: _Body, ids: list[int], max_tokens: int, *, chat: bool) -> Response:
+    async def _reply(self, body: _Body, ids: list[int], max_tokens: int, *, chat: bool, client: str) -> Response:
         params = validation.check_sampling(max_tokens, body.temperature, body.top_p, body.top_k, body.seed,
                                            len(ids), self.cfg, HTTP_FIELDS)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -284,7 +289,7 @@ class OpenAIGateway(GrpcGateway):
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name}
-        pieces = self._pieces(ids, params, stop)
+        pieces = self._pieces(ids, params, stop, client)
         if body.stream:
             return await self._stream(pieces, head, len(ids), chat, bool((body.stream_options or {}).get("include_usage")))
         text, tokens, reason = "", [], None
@@ -295,11 +300,11 @@ class OpenAIGateway(GrpcGateway):
                   else {"index": 0, "text": text}) | {"finish_reason": reason, "logprobs": None, "token_ids": tokens}
         return JSONResponse(head | {"choices": [choice], "usage": _usage(len(ids), len(tokens))})
 
-    async def _pieces(self, ids: list[int], params, stop: list[str]):
+    async def _pieces(self, ids: list[int], params, stop: list[str], client: str):
         """(text, token ids, finish_reason or None) as the tokens come: the text each token adds,
         held back while it may be the start of a stop string; the generation ends at a stop string."""
         tokens, shown = [], 0
-        async with contextlib.aclosing(self.client.tokens(ids, params)) as stream:
+        async with contextlib.aclosing(self._tokens(ids, params, client)) as stream:
             async for token, reason in stream:
                 tokens.append(token)
                 text = self._text(tokens)

@@ -17,7 +17,6 @@ import os
 
 import grpc
 
-from moe_core.config import MoEConfig
 
 SERVICER_FUNCTIONS = ["router_service.gateway.add_servicers", "router_service.security.serve_tls"]
 # What earlier configs listed; registering them beside add_servicers would register the services twice.
@@ -33,22 +32,23 @@ STREAM_IDLE_ENV = "MOE_SERVE_STREAM_IDLE_S"
 STREAM_IDLE_S = 30.0
 
 
-def proxy_message_limit(cfg: MoEConfig, max_request_bytes: int) -> int:
-    """Serve's proxy message limit, which caps replies too: the gateway's request limit, or the
-    largest reply (a Score of a full context: float32 logits), whichever is larger; at most gRPC's."""
-    score_reply = cfg.max_position_embeddings * cfg.vocab_size * 4 + 64
-    return min(max(max_request_bytes, score_reply), GRPC_MAX_MESSAGE)
+def proxy_message_limit(max_request_bytes: int) -> int:
+    """Serve's proxy message limit, both ways: the gateway's request limit. Every reply fits it too
+    (logits longer than a message go by ScoreStream, in chunks), so an unauthenticated caller can
+    make the proxy hold no more than that, compressed or not (gRPC bounds what it inflates by it)."""
+    return min(max_request_bytes, GRPC_MAX_MESSAGE)
 
 
 def add_servicers(servicer, server) -> None:
     """A `grpc_servicer_functions` entry: moe.v1.Gateway and grpc.health.v1.Health, requests as bytes.
 
     In Serve's proxy the Gateway's handlers are Serve's own (they call this deployment), with one
-    change: Generate's messages are written with a time limit each (`idle_bounded`)."""
+    change: the streams' messages are written with a time limit each (`idle_bounded`)."""
     services = {
         "moe.v1.Gateway": {"Generate": grpc.unary_stream_rpc_method_handler,
                            "Complete": grpc.unary_unary_rpc_method_handler,
                            "Score": grpc.unary_unary_rpc_method_handler,
+                           "ScoreStream": grpc.unary_stream_rpc_method_handler,
                            "Stats": grpc.unary_unary_rpc_method_handler},
         "grpc.health.v1.Health": {"Check": grpc.unary_unary_rpc_method_handler,
                                   "Watch": grpc.unary_stream_rpc_method_handler},

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moe.v1 import common_pb2 as moe_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14moe/v1/gateway.proto\x12\x06moe.v1\x1a\x13moe/v1/common.proto\"w\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"e\n\x0fGenerateRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.moe.v1.SamplingParams\"G\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"^\n\rGenerateReply\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\"!\n\x0cScoreRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\",\n\nScoreReply\x12\x1e\n\x06logits\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\"\x0e\n\x0cStatsRequest\"6\n\nLayerStats\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x04\"T\n\x0f\x44\x65ploymentStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x06serves\x18\x02 \x03(\x0b\x32\x11.moe.v1.ExpertKey\x12\x10\n\x08replicas\x18\x03 \x01(\r\"\xf7\x01\n\nStatsReply\x12\"\n\x06layers\x18\x01 \x03(\x0b\x32\x12.moe.v1.LayerStats\x12,\n\x0b\x64\x65ployments\x18\x02 \x03(\x0b\x32\x17.moe.v1.DeploymentStats\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x18\n\x10tokens_processed\x18\x04 \x01(\x04\x12\x19\n\x11requests_finished\x18\x05 \x01(\x04\x12\x18\n\x10requests_running\x18\x06 \x01(\r\x12\x17\n\x0frequests_queued\x18\x07 \x01(\r\x12\r\n\x05model\x18\x08 \x01(\t\x12\x11\n\tdeploy_id\x18\t \x01(\t2\xe9\x01\n\x07Gateway\x12<\n\x08Generate\x12\x17.moe.v1.GenerateRequest\x1a\x15.moe.v1.GenerateChunk0\x01\x12:\n\x08\x43omplete\x12\x17.moe.v1.GenerateRequest\x1a\x15.moe.v1.GenerateReply\x12\x31\n\x05Score\x12\x14.moe.v1.ScoreRequest\x1a\x12.moe.v1.ScoreReply\x12\x31\n\x05Stats\x12\x14.moe.v1.StatsRequest\x1a\x12.moe.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14moe/v1/gateway.proto\x12\x06moe.v1\x1a\x13moe/v1/common.proto\"w\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"e\n\x0fGenerateRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.moe.v1.SamplingParams\"G\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"^\n\rGenerateReply\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\"!\n\x0cScoreRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\",\n\nScoreReply\x12\x1e\n\x06logits\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\"?\n\nScoreChunk\x12\x1e\n\x06logits\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x11\n\tfirst_row\x18\x02 \x01(\r\"\x0e\n\x0cStatsRequest\"6\n\nLayerStats\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x04\"T\n\x0f\x44\x65ploymentStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x06serves\x18\x02 \x03(\x0b\x32\x11.moe.v1.ExpertKey\x12\x10\n\x08replicas\x18\x03 \x01(\r\"\xf7\x01\n\nStatsReply\x12\"\n\x06layers\x18\x01 \x03(\x0b\x32\x12.moe.v1.LayerStats\x12,\n\x0b\x64\x65ployments\x18\x02 \x03(\x0b\x32\x17.moe.v1.DeploymentStats\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x18\n\x10tokens_processed\x18\x04 \x01(\x04\x12\x19\n\x11requests_finished\x18\x05 \x01(\x04\x12\x18\n\x10requests_running\x18\x06 \x01(\r\x12\x17\n\x0frequests_queued\x18\x07 \x01(\r\x12\r\n\x05model\x18\x08 \x01(\t\x12\x11\n\tdeploy_id\x18\t \x01(\t2\xa4\x02\n\x07Gateway\x12<\n\x08Generate\x12\x17.moe.v1.GenerateRequest\x1a\x15.moe.v1.GenerateChunk0\x01\x12:\n\x08\x43omplete\x12\x17.moe.v1.GenerateRequest\x1a\x15.moe.v1.GenerateReply\x12\x31\n\x05Score\x12\x14.moe.v1.ScoreRequest\x1a\x12.moe.v1.ScoreReply\x12\x39\n\x0bScoreStream\x12\x14.moe.v1.ScoreRequest\x1a\x12.moe.v1.ScoreChunk0\x01\x12\x31\n\x05Stats\x12\x14.moe.v1.StatsRequest\x1a\x12.moe.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,14 +44,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREREQUEST']._serialized_end=479
   _globals['_SCOREREPLY']._serialized_start=481
   _globals['_SCOREREPLY']._serialized_end=525
-  _globals['_STATSREQUEST']._serialized_start=527
-  _globals['_STATSREQUEST']._serialized_end=541
-  _globals['_LAYERSTATS']._serialized_start=543
-  _globals['_LAYERSTATS']._serialized_end=597
-  _globals['_DEPLOYMENTSTATS']._serialized_start=599
-  _globals['_DEPLOYMENTSTATS']._serialized_end=683
-  _globals['_STATSREPLY']._serialized_start=686
-  _globals['_STATSREPLY']._serialized_end=933
-  _globals['_GATEWAY']._serialized_start=936
-  _globals['_GATEWAY']._serialized_end=1169
+  _globals['_SCORECHUNK']._serialized_start=527
+  _globals['_SCORECHUNK']._serialized_end=590
+  _globals['_STATSREQUEST']._serialized_start=592
+  _globals['_STATSREQUEST']._serialized_end=606
+  _globals['_LAYERSTATS']._serialized_start=608
+  _globals['_LAYERSTATS']._serialized_end=662
+  _globals['_DEPLOYMENTSTATS']._serialized_start=664
+  _globals['_DEPLOYMENTSTATS']._serialized_end=748
+  _globals['_STATSREPLY']._serialized_start=751
+  _globals['_STATSREPLY']._serialized_end=998
+  _globals['_GATEWAY']._serialized_start=1001
+  _globals['_GATEWAY']._serialized_end=1293
 # @@protoc_insertion_point(module_scope)

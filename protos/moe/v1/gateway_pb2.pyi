@@ -65,6 +65,14 @@ class ScoreReply(_message.Message):
     logits: _common_pb2.Tensor
     def __init__(self, logits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
+class ScoreChunk(_message.Message):
+    __slots__ = ("logits", "first_row")
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ROW_FIELD_NUMBER: _ClassVar[int]
+    logits: _common_pb2.Tensor
+    first_row: int
+    def __init__(self, logits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., first_row: _Optional[int] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -49,6 +49,11 @@ class GatewayStub:
                 request_serializer=moe_dot_v1_dot_gateway__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=moe_dot_v1_dot_gateway__pb2.ScoreReply.FromString,
                 _registered_method=True)
+        self.ScoreStream = channel.unary_stream(
+                '/moe.v1.Gateway/ScoreStream',
+                request_serializer=moe_dot_v1_dot_gateway__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=moe_dot_v1_dot_gateway__pb2.ScoreChunk.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/moe.v1.Gateway/Stats',
                 request_serializer=moe_dot_v1_dot_gateway__pb2.StatsRequest.SerializeToString,
@@ -72,6 +77,14 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Score(self, request, context):
+        """Score answers in one message, so its logits (T x vocab float32) must fit the gateway's message
+        limit (RESOURCE_EXHAUSTED otherwise); ScoreStream sends any T's in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScoreStream(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,6 +113,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=moe_dot_v1_dot_gateway__pb2.ScoreRequest.FromString,
                     response_serializer=moe_dot_v1_dot_gateway__pb2.ScoreReply.SerializeToString,
+            ),
+            'ScoreStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ScoreStream,
+                    request_deserializer=moe_dot_v1_dot_gateway__pb2.ScoreRequest.FromString,
+                    response_serializer=moe_dot_v1_dot_gateway__pb2.ScoreChunk.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -188,6 +206,33 @@ class Gateway:
             '/moe.v1.Gateway/Score',
             moe_dot_v1_dot_gateway__pb2.ScoreRequest.SerializeToString,
             moe_dot_v1_dot_gateway__pb2.ScoreReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moe.v1.Gateway/ScoreStream',
+            moe_dot_v1_dot_gateway__pb2.ScoreRequest.SerializeToString,
+            moe_dot_v1_dot_gateway__pb2.ScoreChunk.FromString,
             options,
             channel_credentials,
             insecure,
