@@ -70,10 +70,10 @@ class ExpertServicer:
 
     gRPC calls of at least `inline_below` rows*H*I multiply-adds compute on one worker thread (torch
     releases the GIL): the loop keeps receiving the next requests meanwhile, and `in_flight`
-    then counts calls queued for that thread, the load signal for autoscaling. Measured on the
-    2-core box: offloading bench-size calls (H=512, 16-256 rows) was as fast or faster, and
-    inline compute there sometimes stalled gRPC's own threads (3-4x slower calls); for tiny
-    calls (H=64) the thread hop (~0.1 ms) cost more than the matmuls, so those stay inline.
+    then counts calls queued for that thread, the load signal for autoscaling. On a small CPU box,
+    offloading bench-size calls was as fast or faster, and inline compute there sometimes stalled
+    gRPC's own threads; for tiny calls the thread hop costs more than the matmuls, so those stay
+    inline.
     """
 
     def __init__(self, shard: ExpertShard, *, max_message_bytes: int | None = None,
@@ -97,8 +97,8 @@ class ExpertServicer:
         self.limits, self.max_session_bytes = limits, max_session_bytes
         self.refused = 0  # calls refused UNAUTHENTICATED
         self.work_per_row = self.hidden_size * w1_IH.shape[0]  # H * I multiply-adds per matmul
-        # On a GPU the kernels run asynchronously anyway; a worker thread only added host<->device
-        # copies from another thread, measured at ~350 ms per call on an H200 (vs 7 ms inline).
+        # On a GPU the kernels run asynchronously anyway; a worker thread only adds host<->device
+        # copies from another thread, which were far slower than inline ones.
         self.inline_below = float("inf") if self.device.type == "cuda" else inline_below
         # OpenMP's thread count is per thread: the worker (and the ring's thread) take this
         # thread's, not one per core.

@@ -191,9 +191,9 @@ def check_finite(t: torch.Tensor, name: str = "tensor") -> None:
 
 def keep_large_buffers(limit: int = 1 << 30) -> bool:
     """glibc serves every allocation above 32 MB (its dynamic mmap threshold cap) with a fresh mmap
-    and returns it on free, so each multi-MB payload copy also page-faults its whole destination in:
-    measured here, 64 MB copies ran 10-30x slower than a memcpy into a reused buffer. Raising the
-    mmap and trim thresholds keeps such buffers in the heap for reuse. False where not glibc."""
+    and returns it on free, so each multi-MB payload copy also page-faults its whole destination in,
+    many times slower than a memcpy into a reused buffer (benchmarks/codec.py `--malloc`). Raising
+    the mmap and trim thresholds keeps such buffers in the heap for reuse. False where not glibc."""
     import ctypes
     try:
         libc = ctypes.CDLL("libc.so.6")

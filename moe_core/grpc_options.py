@@ -10,8 +10,8 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # Large HTTP/2 frames and a large initial flow-control window: a multi-MB tensor then
-        # moves in a few frames without waiting for WINDOW_UPDATEs. DESIGN.md measured 1 MB
-        # loopback round trips 2.5-4 ms -> 1.5 ms; here (loaded 2 cores) 1.2-1.4x on 1-16 MB echoes.
+        # moves in a few frames without waiting for WINDOW_UPDATEs (benchmarks/codec.py compares
+        # these options with gRPC's defaults).
         ("grpc.http2.max_frame_size", (1 << 24) - 1),
         ("grpc.http2.lookahead_bytes", 64 << 20),
         # Let the window grow beyond lookahead on fat links (on by default; explicit on purpose).

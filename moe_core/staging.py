@@ -1,8 +1,8 @@
 """Host <-> GPU copies through reused pinned buffers.
 
-Copies between pageable host memory and a GPU were measured at tens of MB/s on the H200
-machines here (1.7 s for 67 MB), while a pinned copy of the same bytes takes well under a
-millisecond; so tensors bound for or coming from the wire pass through page-locked staging.
+Copies between pageable host memory and a GPU are orders of magnitude slower than pinned ones on
+some machines (the lent H200 machines among them), so tensors bound for or coming from the wire
+pass through page-locked staging.
 One Staging per event loop: each result is valid until the next call on the same object.
 """
 from __future__ import annotations

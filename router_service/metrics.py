@@ -13,12 +13,12 @@ prefix there; counters also a `_total` suffix).
 
 Nothing is recorded on the per-layer path: the engine keeps its routing counts (RouteStats) and
 the replica pool its byte counters and a bounded buffer of call latencies; a task on the
-router's event loop turns their changes into metric records once per `interval_s`. A Ray metric
-record costs about 9 us here (more on a busy host); per layer and expert that would be a few hundred
-us per step. The latency histogram gets a uniform sample of at most `latency_samples` calls per
-flush: recording 800 calls one by one took 15 ms per flush on a busy 2-core host, the sample
-1.5-3 ms. A uniform sample keeps the distribution; `moe_expert_calls` counts every call.
-On the per-call path the pool only appends (shard, seconds) to a deque (under 1 us).
+router's event loop turns their changes into metric records once per `interval_s`: a Ray metric
+record costs microseconds, and one per layer and expert would add up to a large share of a step.
+The latency histogram gets a uniform sample of at most `latency_samples` calls per flush
+(recording every call of a busy second would take milliseconds); a uniform sample keeps the
+distribution, and `moe_expert_calls` counts every call. On the per-call path the pool only appends
+(shard, seconds) to a deque.
 """
 from __future__ import annotations
 
