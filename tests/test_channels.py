@@ -241,3 +241,13 @@ def test_a_shard_with_no_live_replica_waits_for_one_then_gives_up_past_its_wait(
     got, waits = run(go())
     torch.testing.assert_close(got, want)
     assert waits == 1
+
+
+def test_the_router_imports_no_expert_server_code():
+    """The channels' client ends live with the router; what both ends speak lives in moe_core."""
+    import subprocess
+    import sys
+    code = ("import sys, router_service.router, router_service.engine, router_service.channels.by_name; "
+            "print(sorted(m for m in sys.modules if m.startswith('expert_service')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert eval(out) == ["expert_service", "expert_service.directory", "expert_service.experts"]
