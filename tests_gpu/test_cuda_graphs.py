@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from expert_service.experts import ExpertShard
-from moe_core.checkpoint import Checkpoint, all_pairs, random_weights, write_checkpoint
-from moe_core.config import preset
+from moe_core.checkpoint import Checkpoint, all_pairs
 from router_service import model
 from router_service.dispatch import InProcessDispatcher
 from router_service.engine import local_engine
@@ -20,14 +19,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 PROMPTS = [list(range(3, 3 + n)) for n in (5, 17, 1, 9, 30, 2, 11)]
 PARAMS = [SamplingParams(max_new_tokens=n) for n in (3, 9, 14, 6)] + \
     [SamplingParams(max_new_tokens=n, temperature=0.8, top_p=0.9, seed=n) for n in (12, 4, 7)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    cfg = preset("tiny")
-    write_checkpoint(d, cfg, random_weights(cfg, seed=0))
-    return d
 
 
 class Between:

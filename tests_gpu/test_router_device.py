@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from expert_service.experts import ExpertShard
-from moe_core.checkpoint import Checkpoint, all_pairs, random_weights, write_checkpoint
-from moe_core.config import preset
+from moe_core.checkpoint import Checkpoint, all_pairs
 from router_service import model
 from router_service.dispatch import InProcessDispatcher
 from router_service.engine import local_engine
@@ -23,14 +22,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 PROMPTS = [[1, 2, 3], list(range(5, 30)), [7], list(range(100, 140, 3))]
 GREEDY = SamplingParams(max_new_tokens=12)
 SEEDED = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=7)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    cfg = preset("tiny")
-    write_checkpoint(d, cfg, random_weights(cfg, seed=0))
-    return d
 
 
 def _batch(engine, params):
