@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from moe_core import shared as shared_buffers
 from moe_core import ring
+from moe_core import shared as shared_buffers
 from moe_core.codec import TAGS
 from moe_core.doorbell_wire import CODES, FrameError, attach_frame, read_frame, unix_socket
 from moe_core.staging import Staging
