@@ -41,11 +41,11 @@ from expert_service.ring_server import RingServer
 from expert_service.session_graphs import SessionGraphs
 from moe.v1 import common_pb2, expert_pb2
 from moe_core import auth, ring, shared
-from moe_core.grpc_options import channel_options
 from moe_core.codec import (FLOAT_DTYPES, TAGS, TENSOR_SCAN, WireError, check_finite, decode, encode,
                             keep_large_buffers, scan)
+from moe_core.grpc_options import channel_options
 from moe_core.staging import Staging
-from moe_core.tensor_frame import decode_request, encode_reply
+from moe_core.tensor_frame import decode_request, encode_reply, header_limit
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ MAX_ROWS = 1 << 14  # rows per call: the engine's 8192-token step, top-2, all to
 MAX_SEGMENTS = ring.MAX_SEGMENTS  # a replica serves a few dozen (layer, expert) pairs; more is a broken client
 MAX_SESSION_BYTES = 8 << 30  # shared buffers mapped at once, all sessions together
 PARSE_INLINE_BYTES = 1 << 20  # larger requests are parsed on a worker thread
-# Segments: 2 bytes of tag and length plus three varints of up to 5 bytes; a tensor header; slack.
-_HEADER_BYTES = MAX_SEGMENTS * 17 + 4096
+_HEADER_BYTES = header_limit(MAX_SEGMENTS)  # segments past MAX_SEGMENTS are refused before parsing
 
 
 def message_limit(hidden_size: int, max_rows: int = MAX_ROWS) -> int:

@@ -15,7 +15,7 @@ from moe.v1 import gateway_pb2, gateway_pb2_grpc
 from moe_core.codec import decode
 from router_service import security
 
-MAX_MESSAGE_BYTES = 512 << 20  # Score replies are [T, vocab] float32: 64 MB at 512 x 32000
+MAX_MESSAGE_BYTES = 512 << 20  # above any gateway's message limit (ScoreStream chunks fit it)
 OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 

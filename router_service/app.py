@@ -34,7 +34,7 @@ def build_app(args: dict) -> serve.Application:
                for name, pairs in shards.items()]
     router = Router.bind(cfg.model, shards, cfg.router, directory, experts=experts, expert_tls=cfg.expert_tls,
                          deploy_id=cfg.deploy_id)
-    return Gateway.bind(router, cfg.model, cfg.gateway.request_timeout_s, **cfg.gateway.given())
+    return Gateway.bind(router, cfg.model, **cfg.gateway.given())
 
 
 FIXED = ("Gateway", "Router")

@@ -74,9 +74,10 @@ class RemoteDispatcher:
 
 
 def remote_dispatcher(shard_of: dict[tuple[int, int], str], lookup, forget=None, *, channel: str = "grpc",
-           handles: dict | None = None, local_hosts: frozenset[str] = frozenset({"127.0.0.1", "localhost"}),
-           credentials=None, channel_options=(), wire_dtype: str | None = None, **pool_options) -> RemoteDispatcher:
-    """A RemoteDispatcher whose pool reaches replicas over `channel` (router_service/channels/by_name)."""
+                      handles: dict | None = None, local_hosts: frozenset[str] | None = None, credentials=None,
+                      channel_options=(), wire_dtype: str | None = None, **pool_options) -> RemoteDispatcher:
+    """A RemoteDispatcher whose pool reaches replicas over `channel` (the channel arguments are
+    router_service.channels.by_name.connector's; the rest the ReplicaPool's)."""
     connect = connector(channel, handles=handles, local_hosts=local_hosts, credentials=credentials,
                         channel_options=channel_options, wire_dtype=wire_dtype)
     return RemoteDispatcher(shard_of, ReplicaPool(lookup, connect, forget, **pool_options))
@@ -104,9 +105,6 @@ def split_by_shard(layer: int, counts_E: list[int], shard_of: dict[tuple[int, in
 
 
 def gather_rows(x_NH: torch.Tensor, ranges) -> torch.Tensor:
-    if len(ranges) == 1:
-        a, b = ranges[0]
-        return x_NH[a:b]
     return torch.cat([x_NH[a:b] for a, b in ranges])
 
 

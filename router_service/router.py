@@ -14,6 +14,7 @@ from expert_service.directory import DEFAULT_NAME, get_directory
 from moe_core.checkpoint import Checkpoint
 from moe_core.codec import DTYPES
 from router_service import model, security
+from router_service.channels.by_name import LOOPBACK
 from router_service.dispatch import remote_dispatcher
 from router_service.engine import Engine
 from router_service.metrics import RouterMetrics
@@ -52,7 +53,7 @@ class Router:
         dispatcher = remote_dispatcher(shard_of, lookup, forget, channel=channel, handles=self.expert_handles,
                             wire_dtype=cfg.wire_dtype, credentials=security.expert_channel_credentials(expert_tls),
                             channel_options=security.expert_channel_options(expert_tls),
-                            local_hosts=frozenset({"127.0.0.1", ray.util.get_node_ip_address()}),
+                            local_hosts=LOOPBACK | {ray.util.get_node_ip_address()},
                             call_timeout_s=cfg.expert_timeout_s, wait_s=cfg.expert_wait_s)
         self.pool = dispatcher.pool
         weights = model.DenseWeights.load(ckpt, dtype=DTYPES[cfg.router_dtype], device=device)
@@ -105,9 +106,7 @@ def channel_name(transport: str, shared_memory: str) -> str:
 
 def shared_kind(shared_memory: str, device: str) -> str:
     """The router's same-node sessions: "auto" is CUDA IPC from a GPU router, /dev/shm from a CPU one;
-    "" turns them off (every tensor as bytes over gRPC)."""
-    if shared_memory not in ("auto", "shm", "cuda_ipc", ""):
-        raise ValueError(f"shared_memory must be auto, shm, cuda_ipc or empty (off), got {shared_memory!r}")
+    "" turns them off (every tensor as bytes over gRPC). The value is one RouterConfig allows."""
     on_gpu = torch.device(device).type == "cuda"
     if shared_memory == "cuda_ipc" and not on_gpu:
         raise ValueError("shared_memory: cuda_ipc needs the router on a GPU (num_gpus on its deployment)")

@@ -55,8 +55,8 @@ class ExpertConfig:
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    """The Gateway deployment; None leaves the gateway's own default (router_service/validation.py)."""
-    request_timeout_s: float = 300.0
+    """The Gateway deployment; None leaves the gateway's own default (router_service/gateway)."""
+    request_timeout_s: float | None = None
     max_request_bytes: int | None = None
     router_wait_s: float | None = None
     auth_token_file: str | None = None
@@ -64,9 +64,8 @@ class GatewayConfig:
     max_requests_per_client: int | None = None  # a client's share of requests in flight (None: no limit)
 
     def given(self) -> dict:
-        """The limits and security options set (the gateway's keyword arguments)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "request_timeout_s" and getattr(self, f.name) is not None}
+        """The options set (the gateway's keyword arguments)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
 
 @dataclass(frozen=True)

@@ -113,5 +113,6 @@ def test_shared_memory_auto_follows_the_router_device_and_bad_values_are_named()
     assert shared_kind("", "cuda") == "" and shared_kind("shm", "cuda:1") == "shm"
     with pytest.raises(ValueError, match="needs the router on a GPU"):
         shared_kind("cuda_ipc", "cpu")
-    with pytest.raises(ValueError, match="must be auto, shm, cuda_ipc or empty"):
-        shared_kind("nvlink", "cpu")
+    from router_service.serving import RouterConfig
+    with pytest.raises(ValueError, match="shared_memory must be one of 'auto', 'shm', 'cuda_ipc', '', got 'nvlink'"):
+        RouterConfig(shared_memory="nvlink")

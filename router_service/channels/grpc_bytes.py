@@ -8,8 +8,8 @@ import grpc
 import torch
 
 from moe.v1 import expert_pb2, expert_pb2_grpc
-from moe_core import tensor_frame
 from moe_core import auth
+from moe_core import tensor_frame
 from moe_core.codec import DTYPES
 from moe_core.grpc_options import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
 from moe_core.staging import Staging

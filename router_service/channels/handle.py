@@ -36,8 +36,7 @@ class HandleChannel:
             bad = isinstance(e.cause, ValueError)
             raise error(grpc.StatusCode.INVALID_ARGUMENT if bad else grpc.StatusCode.INTERNAL,
                         str(e.cause) if bad else f"expert compute failed: {type(e.cause).__name__}") from None
-        y_TH = y_TH.to(x_TH.device, x_TH.dtype)
-        return y_TH if out is None else out.copy_(y_TH)
+        return y_TH.to(x_TH.device, x_TH.dtype) if out is None else out.copy_(y_TH)
 
     async def close(self) -> None:
         pass
