@@ -122,6 +122,7 @@ async def collect(c: RouterClient, ids, params):
 def fast_watch(monkeypatch):
     monkeypatch.setattr(router_client, "WATCH_PERIOD_S", 0.02)
     monkeypatch.setattr(router_client, "ROUTER_GRACE_S", 0.1)
+    monkeypatch.setattr(router_client, "WAIT_STEP_S", 0.02)
 
 
 # -- failover --------------------------------------------------------------------------------------
@@ -233,16 +234,35 @@ def test_a_call_taken_late_is_served():
 
 
 def test_the_watcher_says_zero_only_when_two_looks_agree():
-    """Looks of 2, 0, 0 running replicas: after the second look it still says 2, after the third 0."""
+    """Looks of 2, 0, 0 running replicas while a call waits: after the second look it still says 2,
+    after the third 0, and the call fails."""
     looks, said = status_of(2, 0, 0), []
+    c = RouterClient(Handle(lambda p, s: Response(taken=False)), status=lambda: said.append(c.replicas) or looks())
+    with pytest.raises(RouterUnavailable, match="no running replica"):
+        run(collect(c, [1], GREEDY))
+    assert said[:4] == [None, 2, 2, 0]
+
+
+def test_calls_taken_at_once_never_look_and_the_watcher_stops(monkeypatch):
+    """serve.status() is not free: a call taken at once costs no look; after calls that waited,
+    the watcher looks for WATCH_LINGER_S, then stops, the replica count unknown again."""
+    monkeypatch.setattr(router_client, "WATCH_LINGER_S", 0.3)
+    looks = []
+    status = status_of(1)
+    c = RouterClient(Handle(None), status=lambda: looks.append(1) or status())
 
     async def go():
-        c = RouterClient(Handle(None), status=lambda: said.append(c.replicas) or looks())
-        await c.score([1])  # the first call starts the watcher
-        while len(said) < 4:
-            await asyncio.sleep(0.01)
+        for _ in range(20):
+            await c.score([1])
+        assert looks == [] and c.replicas is None
+        response = Response([(5, "length")], taken=False)
+        c.handle = Handle(lambda p, s: response)
+        asyncio.get_running_loop().call_later(0.3, response.taken.set)
+        assert await collect(c, [1], SamplingParams(max_new_tokens=1)) == [(5, "length")]
+        assert looks and c.replicas == 1
+        await asyncio.wait_for(c._watcher, 5)
     run(go())
-    assert said[:4] == [None, 2, 2, 0]
+    assert c.replicas is None
 
 
 def test_a_controller_that_does_not_answer_keeps_the_last_answer():
@@ -255,10 +275,13 @@ def test_a_controller_that_does_not_answer_keeps_the_last_answer():
         return status_of(1)()
 
     async def go():
-        c = RouterClient(Handle(None), status=status)
-        await c.score([1])
-        await asyncio.sleep(0.1)
-        return c.replicas
+        c = RouterClient(Handle(lambda p, s: Response(taken=False)), status=status, wait_s=0.5)
+        call = asyncio.ensure_future(collect(c, [1], GREEDY))
+        await asyncio.sleep(0.3)
+        replicas = c.replicas
+        with pytest.raises(RouterUnavailable, match="no replica took the call"):
+            await call
+        return replicas
     assert run(go()) == 1 and len(looks) > 1
 
 

@@ -1,9 +1,11 @@
 """The gateway's calls to the Router deployment, through its Serve handle (both fronts share one).
 
 RouterClient owns everything about talking to the router:
-- liveness: a watcher follows the router's running replicas in `serve.status()`; a call no replica
-  takes fails within about a second with RouterUnavailable instead of waiting, as Serve would,
-  until a new replica is up (minutes, for a big model);
+- liveness: while a call waits for a router replica to take it (and WATCH_LINGER_S after), a
+  watcher follows the router's running replicas in `serve.status()`; a call no replica takes fails
+  within about a second with RouterUnavailable instead of waiting, as Serve would, until a new
+  replica is up (minutes, for a big model). Calls taken at once (the usual case) cost no look:
+  `serve.status()` pickles every deployment's config, a few percent of a core if done every second;
 - failover: a generation whose router replica dies resumes on another one;
 - deadlines: the request's time, handed to the router, and how long a call may wait to be taken;
 - errors: the calls raise what Ray raised; `service_error` names it as one of the service's own.
@@ -29,6 +31,8 @@ log = logging.getLogger("ray.serve")
 
 LIVE_STATES = ("RUNNING", "PENDING_MIGRATION")  # replica states in which a router replica takes calls
 WATCH_PERIOD_S = 1.0  # between two looks at the router's replicas
+WATCH_LINGER_S = 30.0  # how long the watcher goes on looking after the last call that had to wait
+WAIT_STEP_S = 0.1  # a waiting call looks this often; one not taken in this time starts the watcher
 ROUTER_GRACE_S = 1.0  # Serve's status can lag its routing: a call waits this long before "no replica" fails it
 HEALTH_TTL_S = 1.0  # readiness is answered from a state at most this old (plus one look's time)
 MAX_RESUMES = 3  # generations moved to another router replica, per request
@@ -89,7 +93,8 @@ class RouterClient:
         self.handle = handle
         self.timeout_s, self.wait_s = request_timeout_s, wait_s
         self._status = status
-        self.replicas: int | None = None  # running router replicas; unknown until the watcher's first look
+        self.replicas: int | None = None  # running router replicas; unknown while the watcher is not looking
+        self._waited_at = -WATCH_LINGER_S  # when a call last waited to be taken
         self.resumed = 0  # generations moved to another router replica after theirs died
         self._watcher: asyncio.Task | None = None
         # Readiness from a cached state: a flood of health Checks costs one router call per HEALTH_TTL_S.
@@ -184,19 +189,20 @@ class RouterClient:
         restarting), fails after ROUTER_GRACE_S with RouterUnavailable, so callers can go elsewhere
         or retry; after `wait_s` (default: the client's) in any case. A call that fails here is
         cancelled."""
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        loop = asyncio.get_running_loop()
         taken = asyncio.ensure_future(_assigned(response, streaming))
-        start = asyncio.get_running_loop().time()
+        start = loop.time()
         deadline = start + (wait_s or self.wait_s)
         try:
             while not taken.done():
-                now = asyncio.get_running_loop().time()
+                self._waited_at = now = loop.time()
+                if now - start >= WAIT_STEP_S and (self._watcher is None or self._watcher.done()):
+                    self._watcher = loop.create_task(self._watch())  # not taken at once: look at the router
                 absent = self.replicas == 0 and now - start >= ROUTER_GRACE_S
                 if absent or now >= deadline:
                     why = "no running replica" if absent else f"no replica took the call in {now - start:.0f}s"
                     raise RouterUnavailable(f"router unavailable ({why}), retry shortly")
-                await asyncio.wait({taken}, timeout=min(0.25, deadline - now))
+                await asyncio.wait({taken}, timeout=min(WAIT_STEP_S, deadline - now))
             taken.result()
         except BaseException:
             taken.cancel()
@@ -205,11 +211,13 @@ class RouterClient:
         return response
 
     async def _watch(self) -> None:
-        """Keeps `replicas` (running router replicas, as Serve's controller sees them) fresh. Zero
-        only after two looks a period apart agree, so a replica passing between states is not
-        taken for an absent router."""
+        """Keeps `replicas` (running router replicas, as Serve's controller sees them) fresh while
+        calls wait, and WATCH_LINGER_S after; then unknown (None) again. Zero only after two looks
+        a period apart agree, so a replica passing between states is not taken for an absent
+        router."""
         seen: list[int] = []
-        while True:
+        loop = asyncio.get_running_loop()
+        while loop.time() - self._waited_at < WATCH_LINGER_S:
             try:
                 status = await asyncio.to_thread(self._status)
                 dep = status.applications[self.handle.app_name].deployments[self.handle.deployment_name]
@@ -221,3 +229,4 @@ class RouterClient:
             except Exception as e:  # the controller may be restarting: keep the last answer
                 log.debug("router status unavailable: %r", e)
             await asyncio.sleep(WATCH_PERIOD_S)
+        self.replicas = None
