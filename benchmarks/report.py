@@ -16,7 +16,7 @@ from benchmarks.common import RESULTS, table
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
-ORDER = ["codec", "call_overhead", "moe_layer", "decode_floor", "decode", "e2e"]
+ORDER = ["codec", "call_overhead", "moe_layer", "decode_floor", "decode", "chunked_prefill", "e2e"]
 GPU_ONLY = ["expert_math", "multi_gpu"]
 
 # How a variant is compared with its base: the columns that identify a row, the figure, and whether
@@ -60,6 +60,15 @@ def targets(res: dict[str, dict]) -> list[dict]:
     out.append(_check("e2e tokens/s at 32 concurrent requests vs transformers generate at batch 32",
                       f"{row['ratio']:.2f}x ({row['tokens_per_s']:.1f} tok/s)" if row else "-", ">= 1.5x",
                       None if row is None else row["ratio"] >= 1.5))
+
+    rows = (res.get("chunked_prefill") or {}).get("rows", [])
+    best = min(rows, key=lambda r: r["ratio_p50"]) if rows else None
+    out.append(_check("decode token gap (p50) while a 3000-token prompt joins / alone, CPU, tiny preset, best "
+                      "max_step_tokens",
+                      f"{best['ratio_p50']:.2f}x (max_step_tokens {best['max_step_tokens']}; "
+                      + ", ".join(f"{r['ratio_p50']:.3g}x at {r['max_step_tokens']}" for r in rows
+                                  if r is not best) + ")" if best else "-",
+                      "< 2x", None if best is None else best["ratio_p50"] < 2))
 
     moe = res.get("moe_layer")
     for T, limit in ((512, 1.25), (8, 3.0)):

@@ -134,3 +134,17 @@ def test_multi_gpu_skew_makes_the_expert_hot_and_efficiency_divides_by_gpus():
             {"T": 8, "concurrency": 1, "family": "shared", "expert_gpus": 2, "tokens_per_s": 150.0},
             {"T": 8, "concurrency": 1, "family": "inprocess", "expert_gpus": 1, "tokens_per_s": 90.0}]
     assert [r.get("scaling_eff") for r in _efficiency(rows)] == [1.0, 0.75, None]
+
+
+def test_chunked_prefill_rows_and_target(tmp_path):
+    """A short prompt, two budgets: one chunked into several steps, one whole; the target row reads them."""
+    env = dict(os.environ, MOE_BENCH_RESULTS=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.chunked_prefill", "--budgets", "32,8192",
+                           "--prompt-len", "300"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "chunked_prefill.json").read_text())["rows"]
+    assert [r["max_step_tokens"] for r in rows] == [32, 8192]
+    assert rows[0]["joining_steps"] >= 300 // 31 and rows[1]["joining_steps"] <= 2
+    assert all(r["alone_p50_ms"] > 0 and r["ratio_p50"] > 0 and r["prompt_ttft_ms"] > 0 for r in rows)
+    target = next(t for t in report.targets(report.load(tmp_path)) if t["target"].startswith("decode token gap"))
+    assert target["result"] in ("pass", "FAIL") and "max_step_tokens" in target["measured"]
