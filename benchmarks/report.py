@@ -151,7 +151,7 @@ def crossing_targets(res: dict[str, dict], dec: list[dict]) -> list[dict]:
                           None if call is None else call["p50_us"] <= goal))
     runs = {}
     for n, d in res.items():
-        if n.startswith("decode__h200"):
+        if n.startswith("decode__h") and d["machine"].get("device", "").startswith("NVIDIA"):  # h200, h100
             systems = {r["system"].split(" ")[0] for r in d["rows"]}
             if {"in-process", "served"} <= systems:  # the newest; of one day's, the one with most batches
                 served = sum(r["system"].startswith("served") for r in d["rows"])
@@ -165,7 +165,7 @@ def crossing_targets(res: dict[str, dict], dec: list[dict]) -> list[dict]:
             if base:
                 ratios.append((r["batch"], r["tokens_per_s"] / base["tokens_per_s"]))
     out.append(_check("decode, served (8 expert processes, CUDA IPC, MPS) / in-process engine, tokens/s, "
-                      "context 128, H200" + (f" ({max(runs)[2]})" if runs else ""),
+                      "context 128, GPU" + (f" ({max(runs)[2]}: {latest['machine']['device']})" if runs else ""),
                       ", ".join(f"{x:.0%} (batch {b})" for b, x in ratios) or "-", ">= 80% at every batch",
                       None if not ratios else min(x for _, x in ratios) >= 0.8))
     return out
