@@ -13,7 +13,9 @@ tokens/s = new tokens of all requests / wall time from sending to the last token
 included, as in `generate`). TPOT = gap between consecutive tokens of one request (p50, p99 over
 all gaps); TTFT = time to a request's first token; transformers' TPOT is the gap between its
 decode steps. `ratio` = our tokens/s over transformers' at the same batch size; `match` = share of
-our requests whose tokens equal transformers' (up to our EOS, where ours stops).
+our requests whose tokens equal transformers' (up to our EOS, where ours stops). `cores_*` =
+CPU cores the app's parts kept busy during the timed round (CPU seconds over its wall time, from
+/proc: router, gateway, Serve's proxy, all experts, Serve's controller, this client, other).
 
 On GPUs (--gpus N): transformers runs on cuda:0 in --dtype, and Ray declares N GPUs: the router
 takes --router-gpus of one (its engine then runs on cuda), each expert --expert-gpus (default: an
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import time
 from pathlib import Path
 
@@ -157,17 +160,42 @@ async def _served(address: str, prompts, batches, new_tokens, timeout) -> tuple[
         for b in batches:
             # warm-up round at this concurrency (connection, first-use paths), not timed
             await asyncio.gather(*(_stream(stub, p, min(4, new_tokens), timeout) for p in prompts[:b]))
-            t0 = time.perf_counter()
+            cpu0, t0 = cpu_by_role(), time.perf_counter()
             results = await asyncio.gather(*(_stream(stub, p, new_tokens, timeout) for p in prompts[:b]))
             wall = max(a[-1] for _, a in results) - t0
+            cpu1 = cpu_by_role()
             gaps = np.concatenate([np.diff(a) for _, a in results]) * 1e3
             n = sum(len(t) for t, _ in results)
             outputs[b] = [t for t, _ in results]
             rows.append({"batch": b, "system": "moe-serve", "tokens": n, "wall_s": wall, "tokens_per_s": n / wall,
                          "ttft_ms": float(np.median([a[0] - t0 for _, a in results])) * 1e3,
-                         "p50_tpot_ms": _pct(gaps, 50), "p99_tpot_ms": _pct(gaps, 99)})
+                         "p50_tpot_ms": _pct(gaps, 50), "p99_tpot_ms": _pct(gaps, 99),
+                         **{f"cores_{k.replace(' ', '_')}": round((cpu1[k] - cpu0.get(k, 0)) / wall, 2)
+                            for k in sorted(cpu1)}})
             print(rows[-1], flush=True)
     return rows, outputs
+
+
+ROLES = (("Router", "router"), ("Gateway", "gateway"), ("ProxyActor", "serve proxy"), (":expert-", "experts"),
+         ("ServeController", "serve controller"), ("benchmarks.e2e", "client"))
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds used so far by this machine's processes, summed by their part in the app (from
+    /proc: the Serve replicas' command lines name their deployment); the rest is "other" (Ray's
+    own daemons, anything else running)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        role = next((r for key, r in ROLES if key in cmd), "other")
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def one_replica_each(cfg: dict, router_cpus: int = 0) -> dict:
@@ -263,7 +291,8 @@ def main(argv=None):
             **({"dtype": a.dtype, "gpus": a.gpus, "router_gpus": a.router_gpus, "expert_gpus": a.expert_gpus}
                if a.gpus else {})}
     save(a.name, rows, meta, ["batch", "system", "tokens_per_s", "ratio", "p50_tpot_ms", "p99_tpot_ms", "ttft_ms",
-                              "tokens", "wall_s", "match"])
+                              "tokens", "wall_s", "match"]
+         + sorted({k for r in rows for k in r if k.startswith("cores_")}))
 
 
 if __name__ == "__main__":

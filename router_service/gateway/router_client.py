@@ -31,7 +31,7 @@ log = logging.getLogger("ray.serve")
 
 LIVE_STATES = ("RUNNING", "PENDING_MIGRATION")  # replica states in which a router replica takes calls
 WATCH_PERIOD_S = 1.0  # between two looks at the router's replicas
-WATCH_LINGER_S = 30.0  # how long the watcher goes on looking after the last call that had to wait
+WATCH_LINGER_S = 5.0  # how long the watcher goes on looking after the last call that had to wait
 WAIT_STEP_S = 0.1  # a waiting call looks this often; one not taken in this time starts the watcher
 ROUTER_GRACE_S = 1.0  # Serve's status can lag its routing: a call waits this long before "no replica" fails it
 HEALTH_TTL_S = 1.0  # readiness is answered from a state at most this old (plus one look's time)
