@@ -57,9 +57,10 @@ def targets(res: dict[str, dict]) -> list[dict]:
     out = []
     e2e = res.get("e2e")
     row = next((r for r in (e2e or {}).get("rows", []) if r.get("batch") == 32 and "ratio" in r), None)
-    out.append(_check("e2e tokens/s at 32 concurrent requests vs transformers generate at batch 32",
-                      f"{row['ratio']:.2f}x ({row['tokens_per_s']:.1f} tok/s)" if row else "-", ">= 1.5x",
-                      None if row is None else row["ratio"] >= 1.5))
+    for goal in (1.5, 1.0):  # the first served app's goal, then the engine issue's
+        out.append(_check("e2e tokens/s at 32 concurrent requests vs transformers generate at batch 32",
+                          f"{row['ratio']:.2f}x ({row['tokens_per_s']:.1f} tok/s)" if row else "-", f">= {goal}x",
+                          None if row is None else row["ratio"] >= goal))
 
     rows = (res.get("chunked_prefill") or {}).get("rows", [])
     best = min(rows, key=lambda r: r["ratio_p50"]) if rows else None
