@@ -244,8 +244,9 @@ def test_the_watcher_says_zero_only_when_two_looks_agree():
 
 
 def test_calls_taken_at_once_never_look_and_the_watcher_stops(monkeypatch):
-    """serve.status() is not free: a call taken at once costs no look; after calls that waited,
-    the watcher looks for WATCH_LINGER_S, then stops, the replica count unknown again."""
+    """serve.status() is not free: a call taken at once costs no look; after a call that waited,
+    the watcher looks for WATCH_LINGER_S (calls taken at once meanwhile do not extend it), then
+    stops, the replica count unknown again."""
     monkeypatch.setattr(router_client, "WATCH_LINGER_S", 0.3)
     looks = []
     status = status_of(1)
@@ -260,7 +261,12 @@ def test_calls_taken_at_once_never_look_and_the_watcher_stops(monkeypatch):
         asyncio.get_running_loop().call_later(0.3, response.taken.set)
         assert await collect(c, [1], SamplingParams(max_new_tokens=1)) == [(5, "length")]
         assert looks and c.replicas == 1
-        await asyncio.wait_for(c._watcher, 5)
+        c.handle = Handle(None)
+        until = asyncio.get_running_loop().time() + 0.6
+        while asyncio.get_running_loop().time() < until:  # calls taken at once do not keep it looking
+            await c.score([1])
+            await asyncio.sleep(0.01)
+        assert c._watcher.done()
     run(go())
     assert c.replicas is None
 

@@ -3,7 +3,7 @@
 RouterClient owns everything about talking to the router:
 - liveness: while a call waits for a router replica to take it (and WATCH_LINGER_S after), a
   watcher follows the router's running replicas in `serve.status()`; a call no replica takes fails
-  within about a second with RouterUnavailable instead of waiting, as Serve would, until a new
+  within a second or two with RouterUnavailable instead of waiting, as Serve would, until a new
   replica is up (minutes, for a big model). Calls taken at once (the usual case) cost no look:
   `serve.status()` pickles every deployment's config, a few percent of a core if done every second;
 - failover: a generation whose router replica dies resumes on another one;
@@ -195,9 +195,11 @@ class RouterClient:
         deadline = start + (wait_s or self.wait_s)
         try:
             while not taken.done():
-                self._waited_at = now = loop.time()
-                if now - start >= WAIT_STEP_S and (self._watcher is None or self._watcher.done()):
-                    self._watcher = loop.create_task(self._watch())  # not taken at once: look at the router
+                now = loop.time()
+                if now - start >= WAIT_STEP_S:  # not taken at once: look at the router
+                    self._waited_at = now
+                    if self._watcher is None or self._watcher.done():
+                        self._watcher = loop.create_task(self._watch())
                 absent = self.replicas == 0 and now - start >= ROUTER_GRACE_S
                 if absent or now >= deadline:
                     why = "no running replica" if absent else f"no replica took the call in {now - start:.0f}s"
