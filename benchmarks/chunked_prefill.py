@@ -42,8 +42,8 @@ async def joining(engine, prompt: list[int], before: int = 60) -> dict:
         if long is not None and long.done() and len(gaps) > before + 20:
             break
     await long
-    alone = [g for g, j in gaps[10:before]]  # after the first steps' warm-up
-    during = [g for g, j in gaps if j]
+    alone = [g for g, _ in gaps[10:before]]  # after the first steps' warm-up
+    during = [g for g, joining_now in gaps if joining_now]
     return {"alone_p50_ms": statistics.median(alone) * 1e3, "joining_p50_ms": statistics.median(during) * 1e3,
             "joining_max_ms": max(during) * 1e3, "ratio_p50": statistics.median(during) / statistics.median(alone),
             "joining_steps": len(during), "prompt_ttft_ms": (first_at - joined_at) * 1e3}

@@ -5,7 +5,7 @@ RouterClient owns everything about talking to the router:
   watcher follows the router's running replicas in `serve.status()`; a call no replica takes fails
   within a second or two with RouterUnavailable instead of waiting, as Serve would, until a new
   replica is up (minutes, for a big model). Calls taken at once (the usual case) cost no look:
-  `serve.status()` pickles every deployment's config, a few percent of a core if done every second;
+  `serve.status()` pickles every deployment's config, which costs a gateway real CPU if done often;
 - failover: a generation whose router replica dies resumes on another one;
 - deadlines: the request's time, handed to the router, and how long a call may wait to be taken;
 - errors: the calls raise what Ray raised; `service_error` names it as one of the service's own.
@@ -94,7 +94,7 @@ class RouterClient:
         self.timeout_s, self.wait_s = request_timeout_s, wait_s
         self._status = status
         self.replicas: int | None = None  # running router replicas; unknown while the watcher is not looking
-        self._waited_at = -WATCH_LINGER_S  # when a call last waited to be taken
+        self._waited_at = float("-inf")  # when a call last waited to be taken
         self.resumed = 0  # generations moved to another router replica after theirs died
         self._watcher: asyncio.Task | None = None
         # Readiness from a cached state: a flood of health Checks costs one router call per HEALTH_TTL_S.
