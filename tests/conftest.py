@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -13,6 +16,25 @@ from moe_core.tokenizer import write_tokenizer
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def stop(proc) -> None:
+    """SIGSTOP to a subprocess, returning once every one of its threads has stopped: kill() returns
+    before a thread running on another core has taken the signal, and that thread could still
+    answer a call posted meanwhile."""
+    proc.send_signal(signal.SIGSTOP)
+    tasks = f"/proc/{proc.pid}/task"
+    while True:
+        states = []
+        for tid in os.listdir(tasks):
+            try:
+                with open(f"{tasks}/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # a thread that ended meanwhile
+                pass
+        if all(s in "Tt" for s in states):
+            return
+        time.sleep(0.001)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from router_service import model
 from router_service.channels.grpc_bytes import BytesChannel
 from router_service.dispatch import InProcessDispatcher, remote_dispatcher
 from router_service.replica_pool import split_segments
-from tests.conftest import run
+from tests.conftest import run, stop
 
 KINDS = ["grpc", "shm"]
 COUNTS = [40, 0, 30, 5, 0, 0, 25, 0]  # rows per expert in one layer: 100, expert 0 hot
@@ -95,7 +95,7 @@ def test_a_replica_lost_mid_call_is_retried_on_another(tiny_model, two_replicas,
         d = remote_dispatcher(shard_of, lookup, forget, channel=kind, refresh_s=3600)
         try:
             first = await d.run_experts(1, x, COUNTS)  # on a (with its session, for shm)
-            two_replicas.procs[0].send_signal(signal.SIGSTOP)
+            stop(two_replicas.procs[0])
             call = asyncio.create_task(d.run_experts(1, x, COUNTS))
             while not d.pool.replicas["all"][0].outstanding:
                 await asyncio.sleep(0.01)
@@ -129,7 +129,7 @@ def test_a_deadline_that_runs_out_mid_call_fails_it_and_drops_its_buffers(tiny_m
             await d.run_experts(1, x, COUNTS)
             channel = d.pool.replicas["all"][0].channel
             before = [s.id for s in getattr(channel, "_free", [])]
-            two_replicas.procs[0].send_signal(signal.SIGSTOP)
+            stop(two_replicas.procs[0])
             started = time.monotonic()
             with pytest.raises(TimeoutError, match="did not answer within the deadline"):
                 await d.run_experts(1, x, COUNTS, time.monotonic() + 0.5)

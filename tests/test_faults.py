@@ -32,7 +32,7 @@ from router_service.engine import Overloaded, local_engine
 from moe_serve.launcher import deploy
 from router_service.sampling import SamplingParams
 from tests.cluster_fixtures import running_app
-from tests.conftest import run
+from tests.conftest import run, stop
 from tests.reliability_helpers import (
     call, directory_table, expert_counters, experts, kill_replica, replica_actors, replicas_killed_under_load,
     small_model, wait_until)
@@ -208,7 +208,7 @@ def test_a_stopped_replica_behind_a_doorbell_is_skipped_within_seconds(tiny_mode
                     if all(r.channel._free and r.channel._free[0].doorbell for r in d.pool.replicas["all"]):
                         break
                 assert all(r.channel._free and r.channel._free[0].doorbell for r in d.pool.replicas["all"])
-                servers.procs[0].send_signal(signal.SIGSTOP)
+                stop(servers.procs[0])
                 while not forgotten and len(outs) < 40:
                     t = time.monotonic()
                     outs.append(await d.run_experts(0, x, counts))
