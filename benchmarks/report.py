@@ -16,7 +16,7 @@ from benchmarks.common import RESULTS, table
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
-ORDER = ["codec", "call_overhead", "moe_layer", "decode_floor", "decode", "chunked_prefill", "e2e"]
+ORDER = ["codec", "call_overhead", "expert_processes", "moe_layer", "decode_floor", "decode", "chunked_prefill", "e2e"]
 GPU_ONLY = ["expert_math", "multi_gpu"]
 
 # How a variant is compared with its base: the columns that identify a row, the figure, and whether

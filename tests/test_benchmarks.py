@@ -148,3 +148,15 @@ def test_chunked_prefill_rows_and_target(tmp_path):
     assert all(r["alone_p50_ms"] > 0 and r["ratio_p50"] > 0 and r["prompt_ttft_ms"] > 0 for r in rows)
     target = next(t for t in report.targets(report.load(tmp_path)) if t["target"].startswith("decode token gap"))
     assert target["result"] in ("pass", "FAIL") and "max_step_tokens" in target["measured"]
+
+
+def test_expert_processes_rows_for_each_split(tmp_path):
+    """The tiny preset's experts in one and in two servers: a row each beside the in-process math."""
+    env = dict(os.environ, MOE_BENCH_RESULTS=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.expert_processes", "--preset", "tiny", "--rows", "2",
+                           "--servers", "1,2", "--steps", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "expert_processes.json").read_text())["rows"]
+    assert [(r["servers"], r["system"]) for r in rows] == [(0, "in-process"), (1, "served (shm)"), (2, "served (shm)")]
+    assert all(r["step_ms"] > 0 and r["experts_cpu_ms"] >= 0 for r in rows[1:])  # CPU time counts in clock ticks
