@@ -217,12 +217,15 @@ def attention(cfg: MoEConfig, w: LayerWeights, layer: int, x_TH: torch.Tensor, s
     v_PGSD[step.slot_T, :, step.pos_T] = v_TGD
     out_TQD = q_TQD if step.all_decode else torch.empty_like(q_TQD)
     for seg, r, mask in step.prompts:  # prompts differ in length: one call per prompt
-        n, S, p = seg.length, seg.start + seg.length, slice(seg.slot, seg.slot + 1)
-        # A batch of one, not 3-D tensors: SDPA's fused kernels take only 4-D ones; on CPU its math path
-        # (3-D) was 1.7-4.6x slower at every chunk measured, 2-255 queries over 100-3000 positions
-        y_1QnD = F.scaled_dot_product_attention(q_TQD[r:r + n].transpose(0, 1)[None], k_PGSD[p, :, :S],
-                                                v_PGSD[p, :, :S], attn_mask=mask, enable_gqa=G != Q)
-        out_TQD[r:r + n] = y_1QnD[0].transpose(0, 1)
+        n, S = seg.length, seg.start + seg.length
+        qkv = q_TQD[r:r + n].transpose(0, 1), k_PGSD[seg.slot, :, :S], v_PGSD[seg.slot, :, :S]
+        # On the CPU as a batch of one: SDPA's fused CPU kernel takes only 4-D inputs (for 3-D ones it
+        # takes its math path, several times slower). On a GPU 3-D as before: there a 4-D call may go
+        # to cuDNN's attention, which builds a plan for every new shape (tens of ms each).
+        batched = not x_TH.is_cuda
+        y = F.scaled_dot_product_attention(*(t[None] if batched else t for t in qkv), attn_mask=mask,
+                                           enable_gqa=G != Q)
+        out_TQD[r:r + n] = (y[0] if batched else y).transpose(0, 1)  # [n, Q, D]
     if step.rows_B is not None:
         # One call for every decode: queries placed at their slots, attending a view of the first R
         # slots' caches; a kv head's Q/G query heads act as its query positions (GQA without copies).
