@@ -35,8 +35,8 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _served(servers: ExpertServers, split: list[list[int]], cfg, rows: int, steps: int, kind: str) -> dict:
-    connect = connector(kind)
+async def _served(servers: ExpertServers, split: list[list[int]], cfg, rows: int, steps: int) -> dict:
+    connect = connector("shm")
     clients = [connect(name, a) for name, a in servers.addresses.items()]
     xs = [torch.randn(rows * len(experts), cfg.hidden_size) for experts in split]
 
@@ -81,6 +81,9 @@ def main(argv=None):
     p.add_argument("--name", default="expert_processes")
     a = p.parse_args(argv)
     cfg = preset(a.preset)
+    servers = [int(s) for s in a.servers.split(",")]
+    if any(cfg.n_experts % n for n in servers):
+        p.error(f"--servers: each count must divide the preset's {cfg.n_experts} experts")
     out = []
     with tempfile.TemporaryDirectory() as d:
         write_checkpoint(d, cfg, random_weights(cfg, seed=0))
@@ -90,11 +93,11 @@ def main(argv=None):
             out.append({"rows": rows, "servers": 0, "system": "in-process", "step_ms": math_ms,
                         "experts_cpu_ms": math_ms, "cpu_vs_math": 1.0})
             print(out[-1], flush=True)
-            for n in [int(s) for s in a.servers.split(",")]:
+            for n in servers:
                 per = cfg.n_experts // n
                 split = [list(range(i * per, (i + 1) * per)) for i in range(n)]
                 with ExpertServers(d, {f"experts-{i}": experts for i, experts in enumerate(split)}, threads=1) as s:
-                    r = run(_served(s, split, cfg, rows, a.steps, "shm"))
+                    r = run(_served(s, split, cfg, rows, a.steps))
                 out.append({"rows": rows, "servers": n, "system": "served (shm)", **r,
                             "cpu_vs_math": r["experts_cpu_ms"] / math_ms})
                 print(out[-1], flush=True)
