@@ -27,6 +27,13 @@ def machine() -> dict:
     return info
 
 
+def process_cpu_s(pid: int | str) -> float:
+    """CPU seconds (user + system) process `pid` has used so far, from /proc; OSError once it is gone."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def time_async(fn, *, iters: int, warmup: int = 2, sync=None) -> dict:
     """Median, p90 and p99 wall time in ms of `await fn()`; `sync()` runs before each clock read (cuda)."""
     for _ in range(warmup):

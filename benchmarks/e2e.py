@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import save
+from benchmarks.common import process_cpu_s, save
 from moe_core.config import MoEConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,17 +184,16 @@ def cpu_by_role() -> dict[str, float]:
     """CPU seconds used so far by this machine's processes, summed by their part in the app (from
     /proc: the Serve replicas' command lines name their deployment); the rest is "other" (Ray's
     own daemons, anything else running)."""
-    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            cpu = process_cpu_s(pid)
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().decode(errors="replace")
         except OSError:  # gone meanwhile
             continue
         role = next((r for key, r in ROLES if key in cmd), "other")
-        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        out[role] = out.get(role, 0.0) + cpu
     return out
 
 

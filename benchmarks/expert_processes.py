@@ -4,9 +4,10 @@ One decode step's expert work (every layer; every expert gets `--rows` rows, as 
 rows * n_experts / top_k) against the preset's experts split over 1, 2, 4 and 8 expert servers
 (`python -m expert_service`, one torch thread each, the experts of a server one after another),
 called as the router calls them: each layer's calls to all servers at once, through /dev/shm
-sessions. `in-process` is the same math in this process on one thread. `step_ms` = wall time of the step (median); `experts_cpu_ms` = CPU time the servers
-spent per step (from /proc); `cpu_vs_math` = that over the in-process math's CPU time, so 1.0
-means splitting cost nothing beyond the math.
+sessions. `in-process` is the same math in this process on one thread. `step_ms` = wall time of
+the step (median); `experts_cpu_ms` = CPU time the servers spent per step (from /proc);
+`cpu_vs_math` = that over the in-process math's CPU time, so 1.0 means splitting cost nothing
+beyond the math.
 
     python -m benchmarks.expert_processes [--preset bench] [--rows 1,8] [--servers 1,2,4,8] [--steps 20]
 """
@@ -14,25 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import tempfile
 import time
 
 import torch
 
-from benchmarks.common import run, save
+from benchmarks.common import process_cpu_s, run, save
 from expert_service.experts import ExpertShard
 from expert_service.processes import ExpertServers
 from moe_core.checkpoint import Checkpoint, all_pairs, random_weights, write_checkpoint
 from moe_core.config import preset
 from router_service.channels.by_name import connector
-
-
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _served(servers: ExpertServers, split: list[list[int]], cfg, rows: int, steps: int) -> dict:
@@ -47,12 +41,12 @@ async def _served(servers: ExpertServers, split: list[list[int]], cfg, rows: int
     for _ in range(3):  # sessions attached, first-use paths taken
         await step()
     pids = [p.pid for p in servers.procs]
-    cpu0, walls = sum(map(cpu_s, pids)), []
+    cpu0, walls = sum(map(process_cpu_s, pids)), []
     for _ in range(steps):
         t0 = time.perf_counter()
         await step()
         walls.append(time.perf_counter() - t0)
-    cpu = (sum(map(cpu_s, pids)) - cpu0) / steps
+    cpu = (sum(map(process_cpu_s, pids)) - cpu0) / steps
     for c in clients:
         await c.close()
     return {"step_ms": statistics.median(walls) * 1e3, "experts_cpu_ms": cpu * 1e3}

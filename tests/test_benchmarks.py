@@ -159,4 +159,4 @@ def test_expert_processes_rows_for_each_split(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "expert_processes.json").read_text())["rows"]
     assert [(r["servers"], r["system"]) for r in rows] == [(0, "in-process"), (1, "served (shm)"), (2, "served (shm)")]
-    assert all(r["step_ms"] > 0 and r["experts_cpu_ms"] >= 0 for r in rows[1:])  # CPU time counts in clock ticks
+    assert all(r["step_ms"] > 0 for r in rows)
